@@ -1,0 +1,1 @@
+"""Checkpoint readers and writers: Hugging Face safetensors / torch / Flax, OpenAI TensorFlow."""

@@ -1,0 +1,94 @@
+"""KVCache: the static-shape key/value cache that prefill and decode pass through the model.
+
+The cache is an ordinary pytree argument: ``model.apply(params, ids, cache=cache)`` returns a new cache and the
+old one can be donated to ``jit`` so XLA updates it in place. Every row of a batch writes the same slots (slot =
+time step), so a left-padded batch stays aligned; ``valid`` marks which slots hold real (non-pad) tokens and
+``next_position`` tracks each row's own position count, so padding never shifts positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .config import GPT2Config
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for ``max_length`` slots.
+
+    Attributes:
+        keys: one array per layer, ``[batch, n_head, max_length, head_dim]``.
+        values: one array per layer, ``[batch, n_head, max_length, head_dim]``.
+        valid: ``[batch, max_length]`` bool; True where the slot holds a real token.
+        index: ``[]`` int32; the next slot to write (shared by all rows).
+        next_position: ``[batch]`` int32; the position id the row's next real token gets.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+    next_position: jax.Array
+
+    @classmethod
+    def init(cls, config: GPT2Config, batch_size: int, max_length: int, dtype=jnp.float32) -> "KVCache":
+        """An empty cache for ``batch_size`` rows and ``max_length`` slots (at most ``config.n_positions``)."""
+        if batch_size <= 0:
+            raise ValueError(f"cache batch_size must be positive, got {batch_size}")
+        if not 0 < max_length <= config.n_positions:
+            raise ValueError(
+                f"cache max_length must be in [1, n_positions={config.n_positions}], got {max_length}"
+            )
+        shape = (batch_size, config.n_head, max_length, config.head_dim)
+        return cls(
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
+            valid=jnp.zeros((batch_size, max_length), bool),
+            index=jnp.zeros((), jnp.int32),
+            next_position=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+    def reorder(self, rows: jax.Array) -> "KVCache":
+        """The cache with its rows gathered by ``rows`` (``[new_batch]`` int), e.g. to follow beam parents."""
+        take = lambda x: jnp.take(x, rows, axis=0)
+        return KVCache(
+            keys=tuple(map(take, self.keys)),
+            values=tuple(map(take, self.values)),
+            valid=take(self.valid),
+            index=self.index,
+            next_position=take(self.next_position),
+        )
+
+
+def write_slots(cache_array: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Write ``new`` ``[batch, n_head, T, head_dim]`` into slots ``[index, index + T)`` of a cache array."""
+    return jax.lax.dynamic_update_slice(cache_array, new.astype(cache_array.dtype), (0, 0, index, 0))
+
+
+def advance(cache: KVCache, keys, values, token_mask: jax.Array) -> KVCache:
+    """The cache after writing ``T`` new slots: new per-layer keys/values, validity and position counters.
+
+    Args:
+        cache: the cache before the write.
+        keys, values: the updated per-layer arrays (already written with :func:`write_slots`).
+        token_mask: ``[batch, T]`` bool, True for the real tokens among the ``T`` just written.
+    """
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+    return KVCache(
+        keys=tuple(keys),
+        values=tuple(values),
+        valid=valid,
+        index=cache.index + token_mask.shape[1],
+        next_position=cache.next_position + token_mask.sum(axis=1, dtype=jnp.int32),
+    )

@@ -1,0 +1,30 @@
+"""Loss functions of the GPT-2 heads, with Hugging Face's conventions (ignore index -100, mean over kept items)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Mean cross-entropy of ``logits [..., classes]`` against int ``labels [...]``, skipping ``ignore_index``.
+
+    Computed in float32. Returns 0 when every label is ignored (PyTorch would return NaN).
+    """
+    logits = logits.astype(jnp.float32)
+    keep = labels != ignore_index
+    safe_labels = jnp.where(keep, labels, 0)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    count = keep.sum()
+    return jnp.where(count > 0, jnp.where(keep, nll, 0.0).sum() / jnp.maximum(count, 1), 0.0)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+    """Next-token loss: ``logits [..., T, vocab]`` at position t predict ``labels [..., T]`` at t + 1.
+
+    ``labels`` may simply be the input ids; positions labelled ``ignore_index`` (-100) are skipped.
+    """
+    return cross_entropy(logits[..., :-1, :], labels[..., 1:], ignore_index)

@@ -1,0 +1,652 @@
+"""GPT-2 as Flax Linen modules over a plain params pytree whose names mirror Hugging Face's.
+
+Params of ``GPT2Model`` and ``GPT2LMHeadModel`` (the LM head is tied to ``wte``)::
+
+    wte/embedding [vocab, n_embd]          wpe/embedding [n_positions, n_embd]
+    h/<i>/ln_1/{scale,bias}                h/<i>/attn/c_attn/{kernel [n_embd, 3 n_embd], bias}
+    h/<i>/attn/c_proj/{kernel,bias}        h/<i>/ln_2/{scale,bias}
+    h/<i>/mlp/c_fc/{kernel [n_embd, n_inner], bias}   h/<i>/mlp/c_proj/{kernel [n_inner, n_embd], bias}
+    ln_f/{scale,bias}
+
+Dense kernels are ``[in, out]``, exactly Hugging Face's ``Conv1D`` weights. Every forward pass takes an optional
+:class:`~gpt2_jax.kv_cache.KVCache` and returns the updated one; nothing is hidden in mutable collections.
+
+Positions: when ``position_ids`` is not given they are counted over the real tokens of ``attention_mask``
+(``cumsum(mask) - 1``), so a left-padded row gets the same positions as the same row unpadded. Hugging Face's
+forward uses ``arange`` instead (its ``generate`` counts over the mask as we do); pass ``position_ids`` explicitly
+to reproduce its forward on left-padded input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from .config import GPT2Config
+from .kv_cache import KVCache, advance, write_slots
+from .losses import IGNORE_INDEX, causal_lm_loss, cross_entropy
+
+Dtype = Any
+
+
+# Activations ---------------------------------------------------------------------------------------------------
+def _gelu_fast(x):
+    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_fast": _gelu_fast,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+# Outputs -------------------------------------------------------------------------------------------------------
+@struct.dataclass
+class GPT2Output:
+    """Output of :class:`GPT2Model`.
+
+    ``hidden_states`` (when requested) holds ``n_layer + 1`` arrays ``[batch, seq, n_embd]``: the embeddings, the
+    output of each block but the last, and the final (layer-normed) state, as Hugging Face returns them.
+    ``attentions`` holds one ``[batch, n_head, seq, keys]`` array per layer.
+    """
+
+    last_hidden_state: jax.Array
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None
+    cache: KVCache | None = None
+
+
+@struct.dataclass
+class CausalLMOutput:
+    """Output of :class:`GPT2LMHeadModel`: ``logits [batch, seq, vocab]`` and the mean LM ``loss`` if labels."""
+
+    logits: jax.Array
+    loss: jax.Array | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None
+    cache: KVCache | None = None
+
+
+@struct.dataclass
+class DoubleHeadsOutput:
+    """Output of :class:`GPT2DoubleHeadsModel`: LM ``logits [batch, choices, seq, vocab]``, ``mc_logits
+    [batch, choices]`` and their losses when labels are given."""
+
+    logits: jax.Array
+    mc_logits: jax.Array
+    loss: jax.Array | None = None
+    mc_loss: jax.Array | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None
+
+
+@struct.dataclass
+class SequenceClassifierOutput:
+    """Output of :class:`GPT2ForSequenceClassification`: ``logits [batch, num_labels]`` pooled at each row's
+    last non-pad token."""
+
+    logits: jax.Array
+    loss: jax.Array | None = None
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None
+
+
+# Layers --------------------------------------------------------------------------------------------------------
+class LayerNorm(nn.Module):
+    """Layer norm computed in float32 whatever the param and activation dtypes (``scale``/``bias`` params)."""
+
+    epsilon: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (width,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(features: int, std: float, dtype, param_dtype, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        kernel_init=nn.initializers.normal(std),
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
+
+
+class GPT2Attention(nn.Module):
+    """Causal multi-head self-attention (``c_attn`` -> heads -> ``c_proj``), optionally over a KV cache."""
+
+    config: GPT2Config
+    layer_idx: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, visible, layer_cache=None, cache_index=None, head_mask=None, deterministic=True):
+        """
+        Args:
+            x: ``[batch, T, n_embd]``.
+            visible: ``[batch, 1, T, S]`` bool, which key slot each query may attend to.
+            layer_cache: ``(keys, values)`` of this layer, each ``[batch, n_head, S, head_dim]``, or None.
+            cache_index: ``[]`` int32 slot where the T new keys are written (with ``layer_cache``).
+            head_mask: ``[n_head]`` multipliers of the attention probabilities, or None.
+
+        Returns:
+            ``(out [batch, T, n_embd], probs [batch, n_head, T, S], new layer_cache or None)``.
+        """
+        cfg = self.config
+        batch, length, _ = x.shape
+        resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        qkv = _dense(3 * cfg.n_embd, cfg.initializer_range, self.dtype, self.param_dtype, "c_attn")(x)
+        # [batch, T, 3 * n_embd] -> 3 x [batch, n_head, T, head_dim]
+        q, k, v = (
+            t.reshape(batch, length, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3)
+            for t in jnp.split(qkv, 3, axis=-1)
+        )
+        if layer_cache is not None:
+            k = write_slots(layer_cache[0], k, cache_index)  # [batch, n_head, S, head_dim]
+            v = write_slots(layer_cache[1], v, cache_index)
+            new_cache = (k, v)
+        else:
+            new_cache = None
+
+        scale = 1.0
+        if cfg.scale_attn_weights:
+            scale /= math.sqrt(cfg.head_dim)
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(self.layer_idx + 1)
+        score_dtype = jnp.float32 if cfg.reorder_and_upcast_attn else q.dtype
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(score_dtype), k.astype(score_dtype)) * scale
+        scores = scores.astype(jnp.float32)  # [batch, n_head, T, S]; softmax always in float32
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
+        if head_mask is not None:
+            probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(batch, length, cfg.n_embd)
+        out = _dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(out)
+        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
+        return out, probs, new_cache
+
+
+class GPT2MLP(nn.Module):
+    """``c_fc`` -> activation -> ``c_proj`` -> dropout."""
+
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        cfg = self.config
+        resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        h = _dense(cfg.inner_dim, cfg.initializer_range, self.dtype, self.param_dtype, "c_fc")(x)
+        h = ACTIVATION_FNS[cfg.activation_function](h)  # [batch, T, n_inner]
+        h = _dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(h)
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+
+    config: GPT2Config
+    layer_idx: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, visible, layer_cache=None, cache_index=None, head_mask=None, deterministic=True):
+        cfg = self.config
+        norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name=name)
+        attn = GPT2Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
+        attn_out, probs, layer_cache = attn(norm("ln_1")(x), visible, layer_cache, cache_index, head_mask, deterministic)
+        x = x + attn_out
+        x = x + GPT2MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("ln_2")(x), deterministic)
+        return x, probs, layer_cache
+
+
+class GPT2BlockStack(nn.Module):
+    """The ``n_layer`` blocks, named ``0 .. n_layer-1`` so params read ``h/<i>/...``."""
+
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, visible, cache=None, head_mask=None, deterministic=True):
+        """Returns ``(x, per-block outputs, per-layer attention probs, (keys, values) or None)``."""
+        block_outputs, attentions, keys, values = [], [], [], []
+        for i in range(self.config.n_layer):
+            layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
+            layer_head_mask = head_mask[i] if head_mask is not None else None
+            block = GPT2Block(self.config, i, self.dtype, self.param_dtype, name=str(i))
+            x, probs, layer_cache = block(
+                x, visible, layer_cache, cache.index if cache is not None else None, layer_head_mask, deterministic
+            )
+            block_outputs.append(x)
+            attentions.append(probs)
+            if layer_cache is not None:
+                keys.append(layer_cache[0])
+                values.append(layer_cache[1])
+        return x, block_outputs, attentions, ((keys, values) if cache is not None else None)
+
+
+# Input checks (run only on concrete values: inside jit the arrays are tracers) ---------------------------------
+def _is_concrete(x) -> bool:
+    return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def _check_ids(name: str, ids, vocab_size: int) -> None:
+    if _is_concrete(ids) and ids.size:
+        ids = np.asarray(ids)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name} contains id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def _normalize_head_mask(head_mask, config: GPT2Config):
+    """``[n_head]`` or ``[n_layer, n_head]`` -> ``[n_layer, n_head]`` float (None stays None)."""
+    if head_mask is None:
+        return None
+    head_mask = jnp.asarray(head_mask, jnp.float32)
+    if head_mask.shape == (config.n_head,):
+        head_mask = jnp.broadcast_to(head_mask, (config.n_layer, config.n_head))
+    if head_mask.shape != (config.n_layer, config.n_head):
+        raise ValueError(
+            f"head_mask must have shape [n_head={config.n_head}] or [n_layer={config.n_layer}, n_head], "
+            f"got {list(head_mask.shape)}"
+        )
+    return head_mask
+
+
+def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """Position ids counted over real tokens: ``start + cumsum(mask) - 1``, 0 at padding. ``[batch, T]``."""
+    mask = attention_mask.astype(jnp.int32)
+    positions = jnp.asarray(start, jnp.int32).reshape(-1, 1) + jnp.cumsum(mask, axis=1) - 1
+    return jnp.where(mask > 0, positions, 0)
+
+
+# Models --------------------------------------------------------------------------------------------------------
+class _GPT2Base(nn.Module):
+    """The transformer shared by every GPT-2 head: embeddings, blocks and the final layer norm."""
+
+    config: GPT2Config
+    dtype: Dtype = jnp.float32  # activation / matmul dtype
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        embed = lambda n: nn.Embed(
+            n, cfg.n_embd, embedding_init=nn.initializers.normal(cfg.initializer_range),
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        self.wte = embed(cfg.vocab_size)
+        self.wpe = embed(cfg.n_positions)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.h = GPT2BlockStack(cfg, self.dtype, self.param_dtype)
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype)
+
+    def transformer(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        token_type_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> GPT2Output:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            input_ids = jnp.asarray(input_ids)
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
+            _check_ids("input_ids", input_ids, cfg.vocab_size)
+            batch, length = input_ids.shape
+            hidden = self.wte(input_ids)  # [batch, T, n_embd]
+        else:
+            inputs_embeds = jnp.asarray(inputs_embeds)
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, seq, n_embd={cfg.n_embd}], got {list(inputs_embeds.shape)}"
+                )
+            batch, length, _ = inputs_embeds.shape
+            hidden = inputs_embeds.astype(self.dtype)
+        if length == 0:
+            raise ValueError("the input sequence is empty")
+        limit = cache.max_length if cache is not None else cfg.n_positions
+        if length > limit:
+            what = f"the cache's max_length ({limit})" if cache is not None else f"n_positions ({limit})"
+            raise ValueError(f"sequence length {length} exceeds {what}")
+
+        if attention_mask is None:
+            token_mask = jnp.ones((batch, length), bool)
+        else:
+            attention_mask = jnp.asarray(attention_mask)
+            if attention_mask.shape != (batch, length):
+                raise ValueError(
+                    f"attention_mask has shape {list(attention_mask.shape)}, expected [batch, seq] = {[batch, length]}"
+                )
+            token_mask = attention_mask.astype(bool)
+
+        if position_ids is None:
+            start = cache.next_position if cache is not None else 0
+            position_ids = positions_from_mask(token_mask, start)
+        else:
+            position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (batch, length))
+            _check_ids("position_ids", position_ids, cfg.n_positions)
+        hidden = hidden + self.wpe(position_ids)
+        if token_type_ids is not None:
+            token_type_ids = jnp.broadcast_to(jnp.asarray(token_type_ids), (batch, length))
+            _check_ids("token_type_ids", token_type_ids, cfg.vocab_size)
+            hidden = hidden + self.wte(token_type_ids)
+        hidden = self.drop(hidden, deterministic=deterministic)
+        embedded = hidden
+
+        # visible[b, 0, t, s]: query t may attend to key slot s (causal and not padding).
+        if cache is None:
+            slot_valid, query_slot = token_mask, jnp.arange(length)
+            key_slot = jnp.arange(length)
+        else:
+            slot_valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+            query_slot = cache.index + jnp.arange(length)
+            key_slot = jnp.arange(cache.max_length)
+        causal = key_slot[None, :] <= query_slot[:, None]  # [T, S]
+        visible = (causal[None, :, :] & slot_valid[:, None, :])[:, None]  # [batch, 1, T, S]
+
+        head_mask = _normalize_head_mask(head_mask, cfg)
+        hidden, block_outputs, attentions, kv = self.h(embedded, visible, cache, head_mask, deterministic)
+        hidden = self.ln_f(hidden)
+        new_cache = advance(cache, kv[0], kv[1], token_mask) if cache is not None else None
+        return GPT2Output(
+            last_hidden_state=hidden,
+            hidden_states=(embedded, *block_outputs[:-1], hidden) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            cache=new_cache,
+        )
+
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy)."""
+        return jnp.einsum("...d,vd->...v", hidden, self.wte.embedding.astype(self.dtype))
+
+
+def _check_labels(labels, num_classes: int, name: str = "labels") -> None:
+    if _is_concrete(labels) and labels.size and jnp.issubdtype(labels.dtype, jnp.integer):
+        labels = np.asarray(labels)
+        kept = labels[labels != IGNORE_INDEX]
+        if kept.size and (int(kept.min()) < 0 or int(kept.max()) >= num_classes):
+            bad = int(kept.min()) if int(kept.min()) < 0 else int(kept.max())
+            raise ValueError(f"{name} contains {bad}, outside [0, {num_classes}) (use {IGNORE_INDEX} to ignore)")
+
+
+class GPT2Model(_GPT2Base):
+    """The bare GPT-2 transformer: returns the final hidden state (after ``ln_f``)."""
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        token_type_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> GPT2Output:
+        """Run the transformer.
+
+        Args:
+            input_ids: ``[batch, seq]`` int token ids (or pass ``inputs_embeds [batch, seq, n_embd]``).
+            attention_mask: ``[batch, seq]``, 1 for real tokens and 0 for padding (left or right).
+            position_ids: ``[batch, seq]``; by default counted over the real tokens (see the module docstring).
+            token_type_ids: ``[batch, seq]`` ids embedded through ``wte`` and added, as Hugging Face does.
+            head_mask: ``[n_head]`` or ``[n_layer, n_head]`` multipliers of the attention probabilities.
+            cache: a :class:`KVCache`; the new keys/values are written at ``cache.index`` and the updated cache
+                is returned in the output.
+            deterministic: False enables dropout, drawing from the ``'dropout'`` rng passed to ``apply``.
+            output_attentions: return every layer's attention probabilities.
+            output_hidden_states: return the ``n_layer + 1`` hidden states.
+        """
+        return self.transformer(
+            input_ids, attention_mask, position_ids, token_type_ids, head_mask, inputs_embeds, cache,
+            deterministic, output_attentions, output_hidden_states,
+        )
+
+
+class GPT2LMHeadModel(_GPT2Base):
+    """GPT-2 with the language-model head tied to ``wte`` (same params as :class:`GPT2Model`)."""
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        token_type_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """Logits ``[batch, seq, vocab]`` and, given ``labels [batch, seq]``, the shifted next-token loss.
+
+        Takes the arguments of :meth:`GPT2Model.__call__`, plus ``labels`` (positions labelled -100 are
+        ignored; ``labels = input_ids`` is the usual choice) and ``logits_to_keep``: when positive, only the
+        last ``logits_to_keep`` positions get logits (what generation needs; the loss then cannot be computed).
+        """
+        out = self.transformer(
+            input_ids, attention_mask, position_ids, token_type_ids, head_mask, inputs_embeds, cache,
+            deterministic, output_attentions, output_hidden_states,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError("labels cannot be combined with logits_to_keep")
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_logits(hidden)  # [batch, seq, vocab]
+        loss = None
+        if labels is not None:
+            labels = jnp.asarray(labels)
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels has shape {list(labels.shape)}, expected {list(logits.shape[:2])}")
+            _check_labels(labels, self.config.vocab_size)
+            loss = causal_lm_loss(logits, labels)
+        return CausalLMOutput(logits, loss, out.hidden_states, out.attentions, out.cache)
+
+
+class SequenceSummary(nn.Module):
+    """Hugging Face's ``SequenceSummary`` for the multiple-choice head: pool, dropout, project, activate."""
+
+    config: GPT2Config
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden, cls_index=None, deterministic=True):
+        """``hidden [..., seq, n_embd]``, ``cls_index [...]`` -> ``[..., width]`` (width 1 for double heads)."""
+        cfg = self.config
+        if cfg.summary_type == "last":
+            pooled = hidden[..., -1, :]
+        elif cfg.summary_type == "first":
+            pooled = hidden[..., 0, :]
+        elif cfg.summary_type == "mean":
+            pooled = hidden.mean(axis=-2)
+        else:  # cls_index
+            if cls_index is None:
+                cls_index = jnp.full(hidden.shape[:-2], hidden.shape[-2] - 1, jnp.int32)
+            pooled = jnp.take_along_axis(hidden, cls_index[..., None, None].astype(jnp.int32), axis=-2)[..., 0, :]
+        pooled = nn.Dropout(cfg.summary_first_dropout)(pooled, deterministic=deterministic)
+        if cfg.summary_use_proj:
+            width = 1 if cfg.summary_proj_to_labels else cfg.n_embd
+            pooled = _dense(width, cfg.initializer_range, self.dtype, self.param_dtype, "summary")(pooled)
+        if cfg.summary_activation == "tanh":
+            pooled = jnp.tanh(pooled)
+        return nn.Dropout(cfg.summary_last_dropout)(pooled, deterministic=deterministic)
+
+
+class GPT2DoubleHeadsModel(_GPT2Base):
+    """GPT-2 with the tied LM head and a multiple-choice head (params add ``multiple_choice_head/summary``)."""
+
+    def setup(self):
+        super().setup()
+        self.multiple_choice_head = SequenceSummary(self.config, self.dtype, self.param_dtype)
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        token_type_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        mc_token_ids=None,
+        labels=None,
+        mc_labels=None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> DoubleHeadsOutput:
+        """Inputs are ``[batch, choices, seq]`` (embeds ``[batch, choices, seq, n_embd]``).
+
+        ``mc_token_ids [batch, choices]`` picks the token whose state scores each choice (default: the last);
+        ``labels [batch, choices, seq]`` gives the LM loss, ``mc_labels [batch]`` the multiple-choice loss.
+        Hidden states and attentions come flattened to ``[batch * choices, ...]``, as Hugging Face returns them.
+        """
+        source = input_ids if input_ids is not None else inputs_embeds
+        if source is None:
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        lead = jnp.shape(source)[:2]
+        if len(jnp.shape(source)) < 3:
+            raise ValueError(f"double-heads inputs must be [batch, choices, seq], got {list(jnp.shape(source))}")
+        flat = lambda x: None if x is None else jnp.asarray(x).reshape(-1, *jnp.shape(x)[2:])
+        out = self.transformer(
+            flat(input_ids), flat(attention_mask), flat(position_ids), flat(token_type_ids), head_mask,
+            flat(inputs_embeds), None, deterministic, output_attentions, output_hidden_states,
+        )
+        hidden = out.last_hidden_state.reshape(*lead, *out.last_hidden_state.shape[1:])  # [batch, choices, T, D]
+        logits = self.lm_logits(hidden)
+        mc_logits = self.multiple_choice_head(hidden, mc_token_ids, deterministic)[..., 0]  # [batch, choices]
+        loss = mc_loss = None
+        if labels is not None:
+            _check_labels(jnp.asarray(labels), self.config.vocab_size)
+            loss = causal_lm_loss(logits, jnp.asarray(labels))
+        if mc_labels is not None:
+            _check_labels(jnp.asarray(mc_labels), mc_logits.shape[-1], "mc_labels")
+            mc_loss = cross_entropy(mc_logits, jnp.asarray(mc_labels))
+        return DoubleHeadsOutput(logits, mc_logits, loss, mc_loss, out.hidden_states, out.attentions)
+
+
+class GPT2ForSequenceClassification(_GPT2Base):
+    """GPT-2 with a linear ``score`` head (no bias) read at each row's last non-pad token."""
+
+    def setup(self):
+        super().setup()
+        self.score = nn.Dense(
+            self.config.num_labels, use_bias=False, kernel_init=nn.initializers.normal(self.config.initializer_range),
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+
+    def __call__(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        token_type_ids=None,
+        head_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> SequenceClassifierOutput:
+        """Pooled logits ``[batch, num_labels]``.
+
+        The pooled token is the rightmost one that is not ``config.pad_token_id`` (left or right padding);
+        without a pad id (or with ``inputs_embeds``) it is the last position, and batches above one need a pad
+        id, as in Hugging Face. The loss follows Hugging Face's problem types: regression (MSE) for one label,
+        single-label cross-entropy for integer labels, multi-label BCE for float labels ``[batch, num_labels]``.
+        """
+        out = self.transformer(
+            input_ids, attention_mask, position_ids, token_type_ids, head_mask, inputs_embeds, None,
+            deterministic, output_attentions, output_hidden_states,
+        )
+        logits = self.score(out.last_hidden_state)  # [batch, T, num_labels]
+        batch, length = logits.shape[:2]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError("sequence classification of a batch above 1 needs config.pad_token_id")
+        if pad is None or input_ids is None:
+            last = jnp.full((batch,), length - 1)
+        else:
+            last = jnp.argmax(jnp.arange(length) * (jnp.asarray(input_ids) != pad), axis=-1)
+        pooled = logits[jnp.arange(batch), last]  # [batch, num_labels]
+        loss = None
+        if labels is not None:
+            labels = jnp.asarray(labels)
+            num_labels = self.config.num_labels
+            if num_labels == 1:
+                loss = jnp.mean(jnp.square(pooled.squeeze(-1).astype(jnp.float32) - labels.reshape(-1)))
+            elif jnp.issubdtype(labels.dtype, jnp.integer):
+                _check_labels(labels, num_labels)
+                loss = cross_entropy(pooled, labels.reshape(-1))
+            else:
+                x, y = pooled.astype(jnp.float32), labels.astype(jnp.float32)
+                loss = jnp.mean(jnp.maximum(x, 0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x))))
+        return SequenceClassifierOutput(pooled, loss, out.hidden_states, out.attentions)
+
+
+def init_params(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module] = GPT2LMHeadModel,
+                param_dtype: Dtype = jnp.float32) -> dict:
+    """Freshly initialised params with GPT-2's scheme: normal(initializer_range) weights and embeddings,
+    residual projections (``c_proj``) at ``initializer_range / sqrt(2 * n_layer)``, zero biases, unit norms.
+
+    Args:
+        key: a ``jax.random`` key.
+        config: the architecture.
+        model_cls: which module's params (heads add ``multiple_choice_head`` or ``score``).
+        param_dtype: dtype of the params.
+
+    Returns:
+        The params pytree (a nested dict, no ``{'params': ...}`` wrapper).
+    """
+    model = model_cls(config, param_dtype=param_dtype)
+    ids = jnp.zeros((1, 1, 1) if model_cls is GPT2DoubleHeadsModel else (1, 1), jnp.int32)
+    return jax.jit(lambda k: model.init(k, ids)["params"])(key)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a params pytree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
