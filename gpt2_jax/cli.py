@@ -1,0 +1,45 @@
+"""The ``gpt2-jax`` command line: one subcommand per module, each owning its own arguments.
+
+Every command module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to the function
+that runs it (taking the parsed ``argparse.Namespace`` and returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module with register(subparsers)
+COMMANDS = {
+}
+
+
+class CLIError(Exception):
+    """A user error the CLI reports in one line (no traceback) with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="gpt2-jax", description="GPT-2 in JAX/Flax: generate, convert, train, inspect, benchmark.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gpt2-jax`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError, OSError) as e:
+        print(f"gpt2-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gpt2-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
