@@ -323,7 +323,9 @@ class GPT2Tokenizer:
         mergeable_ranks: token bytes -> rank (ids 0..n-1); the bundled GPT-2 ranks if None.
             ``<|endoftext|>`` gets id n.
         add_prefix_space: prepend a space to text that does not start with one (like the
-            Hugging Face flag), so the first word is tokenized like any other word.
+            Hugging Face flag), so the first word is tokenized like any other word. Only the
+            start of the text gets it (HF also adds one after each allowed special token).
+            ``decode`` does not strip it.
         padding_side: default side for padding in ``__call__``: "right" or "left".
         model_max_length: length used by ``truncation=True`` / ``padding="max_length"``
             when ``max_length`` is not given.
