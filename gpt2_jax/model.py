@@ -543,7 +543,8 @@ class GPT2DoubleHeadsModel(_GPT2Base):
 
         ``mc_token_ids [batch, choices]`` picks the token whose state scores each choice (default: the last);
         ``labels [batch, choices, seq]`` gives the LM loss, ``mc_labels [batch]`` the multiple-choice loss.
-        Hidden states and attentions come flattened to ``[batch * choices, ...]``, as Hugging Face returns them.
+        Hidden states come as ``[batch, choices, seq, n_embd]`` (every one of them; Hugging Face reshapes only the
+        last and leaves the others flattened) and attentions flattened to ``[batch * choices, n_head, seq, seq]``.
         """
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
@@ -566,7 +567,10 @@ class GPT2DoubleHeadsModel(_GPT2Base):
         if mc_labels is not None:
             _check_labels(jnp.asarray(mc_labels), mc_logits.shape[-1], "mc_labels")
             mc_loss = cross_entropy(mc_logits, jnp.asarray(mc_labels))
-        return DoubleHeadsOutput(logits, mc_logits, loss, mc_loss, out.hidden_states, out.attentions)
+        hidden_states = out.hidden_states
+        if hidden_states is not None:
+            hidden_states = tuple(h.reshape(*lead, *h.shape[1:]) for h in hidden_states)
+        return DoubleHeadsOutput(logits, mc_logits, loss, mc_loss, hidden_states, out.attentions)
 
 
 class GPT2ForSequenceClassification(_GPT2Base):
