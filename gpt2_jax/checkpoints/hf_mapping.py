@@ -139,7 +139,8 @@ def state_dict_to_params(
             problems.append(f"{name!r} differs from the token embedding; GPT-2's LM head must be tied to wte")
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise CheckpointError(f"checkpoint does not match the GPT-2 config ({len(problems)} problems):\n  {shown}")
+        noun = "problem" if len(problems) == 1 else "problems"
+        raise CheckpointError(f"checkpoint does not match the GPT-2 config ({len(problems)} {noun}):\n  {shown}")
     return params
 
 
