@@ -12,6 +12,8 @@ import sys
 
 # subcommand -> module with register(subparsers)
 COMMANDS = {
+    "train": "gpt2_jax.training.cli",
+    "eval": "gpt2_jax.training.eval_cli",
 }
 
 

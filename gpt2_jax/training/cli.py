@@ -1,0 +1,117 @@
+"""``gpt2-jax train``: fine-tune a checkpoint or train from scratch; see :mod:`gpt2_jax.training.loop`.
+
+Examples::
+
+    gpt2-jax train --config-preset tiny --data corpus.txt --out run/ --steps 300 --batch-size 8 --seq-len 128
+    gpt2-jax train --model gpt2 --data train.jsonl --eval-data valid.jsonl --out run/ --lr 1e-4 --steps 2000
+    gpt2-jax train --out run/ --resume                     # continue after a crash, same settings
+    gpt2-jax train ... --mesh-model 4 --strategy fsdp     # shard params over 4 of the devices
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _override(text: str) -> tuple[str, object]:
+    """``key=value`` -> (key, JSON value or string)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` command."""
+    p = subparsers.add_parser(
+        "train", help="fine-tune GPT-2 (or train from scratch) with optax; resumable, on 1 or N devices",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only options given on the command line reach TrainConfig
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="checkpoint to fine-tune: a hub id (gpt2, gpt2-medium, ...) or a local directory")
+    g.add_argument("--config-preset", help="train from scratch: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    g.add_argument("--config", dest="config_overrides", type=_override, action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --config n_layer=2 (repeatable; dropout only for --model)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", help="training text (.txt/.md, one document each), .jsonl (one per line) "
+                                             "or a token file (.bin)")
+    g.add_argument("--eval-data", nargs="+", help="held-out data, same formats")
+    g.add_argument("--text-field", help="JSONL field with the text (default: text)")
+    g.add_argument("--seq-len", type=int, help="tokens per training window (default: the model's n_positions)")
+    g.add_argument("--shuffle", choices=("random", "epoch"),
+                   help="random: windows at random offsets (default); epoch: each disjoint window once per epoch")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final/, loss.png)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (default 100; also at the end and on "
+                                                  "Ctrl-C / SIGTERM)")
+    g.add_argument("--keep", type=int, help="checkpoints to keep (default 2)")
+    g.add_argument("--async-checkpointing", action="store_true", help="write checkpoints in the background")
+    g.add_argument("--eval-every", type=int, help="evaluate on --eval-data every N steps (default: at the end)")
+    g.add_argument("--eval-windows", type=int, help="windows per evaluation (default 50)")
+    g.add_argument("--log-every", type=int, help="metrics line every N steps (default 1)")
+    g.add_argument("--no-final", dest="save_final", action="store_false", help="do not export final/ weights")
+    g.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw loss.png")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, help="optimizer steps in total (default 1000)")
+    g.add_argument("--batch-size", type=int, help="global rows per step (default 8)")
+    g.add_argument("--accum-steps", type=int, help="gradient-accumulation micro-batches per step (default 1)")
+    g.add_argument("--lr", dest="learning_rate", type=float, help="peak learning rate (default 3e-4)")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default 100)")
+    g.add_argument("--decay-steps", type=int, help="cosine decay ends here (default: --steps)")
+    g.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr (default 0.1)")
+    g.add_argument("--b1", type=float, help="Adam beta1 (default 0.9)")
+    g.add_argument("--b2", type=float, help="Adam beta2 (default 0.95)")
+    g.add_argument("--eps", type=float, help="Adam epsilon (default 1e-8)")
+    g.add_argument("--weight-decay", type=float, help="decoupled weight decay on matmul kernels (default 0.1)")
+    g.add_argument("--grad-clip", type=float, help="global gradient-norm clip, 0 to disable (default 1.0)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype; params stay float32")
+    g.add_argument("--no-dropout", dest="dropout", action="store_false", help="disable dropout")
+    g.add_argument("--seed", type=int, help="seed of init, data order and dropout (default 0)")
+    g.add_argument("--max-consecutive-skips", type=int,
+                   help="stop after this many consecutive non-finite steps (default 10)")
+    g = p.add_argument_group("devices")
+    g.add_argument("--mesh-data", type=int, help="data-axis size (default: devices / --mesh-model)")
+    g.add_argument("--mesh-model", type=int, help="model-axis size: FSDP shards or tensor-parallel degree (default 1)")
+    g.add_argument("--strategy", choices=("fsdp", "tp"), help="what the model axis does (default fsdp)")
+    g.add_argument("--distributed", action="store_true",
+                   help="multi-host: call jax.distributed.initialize() first (auto-detects TPU pods, SLURM, MPI)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``gpt2-jax train``."""
+    from ..cli import CLIError
+    from .loop import TrainConfig, TrainingError, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "distributed")}
+    if getattr(args, "distributed", False):
+        from .sharding import initialize_distributed
+
+        initialize_distributed()
+    if "config_overrides" in given:
+        given["config_overrides"] = dict(given["config_overrides"])
+    if given.get("grad_clip") == 0:
+        given["grad_clip"] = None
+    if "data" not in given and not given.get("resume"):
+        raise CLIError("--data is required (except with --resume)")
+    cfg = TrainConfig(**{"data": [], **given})
+    try:
+        result = train(cfg, explicit=set(given))
+    except TrainingError as e:
+        raise CLIError(str(e)) from None
+    if result.last_loss is not None:
+        print(json.dumps({"step": int(result.state.step), "loss": result.last_loss,
+                          **({"eval_loss": result.eval["eval_loss"], "eval_perplexity": result.eval["eval_perplexity"]}
+                             if result.eval else {})}))
+    sys.stdout.flush()
+    return 130 if result.interrupted else 0

@@ -1,0 +1,511 @@
+"""The training loop behind ``gpt2-jax train``: data, mesh, state, checkpoints, metrics, final export.
+
+Output directory layout (``out/``)::
+
+    run.json          the settings (TrainConfig + model config); --resume reads them back
+    metrics.jsonl     one JSON line per step ({"step", "loss", "grad_norm", "lr", "tokens", "tokens_per_s", ...})
+                      and per evaluation ({"step", "eval_loss", "eval_perplexity", ...})
+    checkpoints/<N>/  resumable state after N steps (orbax; the newest ``keep`` are kept)
+    tokenizer/        the tokenizer files
+    data/             the tokenised training / evaluation data (cached while the sources are unchanged)
+    final/            the trained weights as a Hugging Face directory (config.json + model.safetensors)
+    loss.png          the loss curve
+
+Resuming: after a crash or ``kill -9`` the run restarts from the newest complete checkpoint; batch ``N`` and the
+dropout key of step ``N`` depend only on ``(seed, N)``, and metrics lines after the checkpoint are dropped, so the
+resumed run's losses equal an uninterrupted run's. Ctrl-C or SIGTERM stop at the next step boundary after saving a
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..atomic import atomic_write_path
+from ..config import GPT2Config
+from ..model import init_params
+from .checkpointing import CheckpointManager, abstract_state, save_hf_directory
+from .data import DataError, WindowLoader, load_or_tokenize
+from .evaluate import evaluate, make_nll_fn
+from .optim import OptimizerConfig, make_optimizer
+from .sharding import (batch_sharding, check_batch_size, global_batch, make_mesh, state_shardings)
+from .step import TrainState, make_train_step
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+RUN_ARTIFACTS = (RUN_FILE, METRICS_FILE, "checkpoints", "tokenizer", "data", "final", "loss.png")
+
+#: Small architectures for training from scratch (``--config-preset``), besides the released GPT-2 sizes.
+TRAINING_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(n_positions=256, n_embd=128, n_layer=2, n_head=4),
+    "small": dict(n_positions=512, n_embd=384, n_layer=6, n_head=6),
+}
+
+# Settings that may differ on --resume (they do not change the trajectory of the steps already defined).
+RESUMABLE_CHANGES = ("steps", "save_every", "keep", "eval_every", "eval_windows", "log_every", "progress", "plot",
+                     "max_consecutive_skips", "async_checkpointing", "save_final", "resume", "overwrite")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite for too many consecutive steps)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything ``gpt2-jax train`` needs; ``run.json`` stores it (see the CLI help for each option)."""
+
+    out: str
+    data: list[str]
+    model: str | None = None  # hub id or local checkpoint (from_pretrained); or None with config_preset
+    config_preset: str | None = None  # gpt2 / gpt2-medium / gpt2-large / gpt2-xl / tiny / small: from scratch
+    config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"n_layer": 2}
+    eval_data: list[str] | None = None
+    text_field: str = "text"
+    seq_len: int | None = None  # default: the model's n_positions
+    batch_size: int = 8  # global rows per optimizer step
+    accum_steps: int = 1  # micro-batches per step (gradient accumulation)
+    steps: int = 1000
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # cosine length; default: steps (fixed at the first launch)
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float | None = 1.0
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    dropout: bool = True
+    seed: int = 0
+    shuffle: str = "random"  # random windows, or "epoch": each window once per epoch
+    mesh_data: int | None = None  # data-axis size (default: devices / mesh_model)
+    mesh_model: int = 1  # model-axis size (FSDP shards / tensor-parallel degree)
+    strategy: str = "fsdp"  # fsdp or tp
+    save_every: int = 100
+    keep: int = 2
+    async_checkpointing: bool = False
+    eval_every: int = 0  # 0: evaluate only at the end (when eval_data is given)
+    eval_windows: int | None = 50  # cap on evaluation windows per evaluation (None: all)
+    log_every: int = 1
+    max_consecutive_skips: int = 10
+    save_final: bool = True
+    plot: bool = True
+    progress: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+    def optimizer_config(self) -> OptimizerConfig:
+        """The :class:`OptimizerConfig` these settings describe."""
+        return OptimizerConfig(
+            learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+            total_steps=self.decay_steps or self.steps, min_lr_ratio=self.min_lr_ratio, b1=self.b1, b2=self.b2,
+            eps=self.eps, weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+        )
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: the final ``state``, its ``config``, the output directory, the last
+    training loss, the evaluation (if any) and whether a signal stopped the run early."""
+
+    state: TrainState
+    config: GPT2Config
+    out: Path
+    last_loss: float | None
+    eval: dict | None
+    interrupted: bool = False
+
+
+# --------------------------------------------------------------------------------------------- setup helpers
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+
+
+def resolve_model_config(cfg: TrainConfig) -> tuple[GPT2Config, Any, Any]:
+    """``(config, params or None, tokenizer)`` for ``cfg.model`` (loaded) or ``cfg.config_preset`` (params None:
+    initialised later from the seed)."""
+    from ..tokenizer import GPT2Tokenizer
+
+    if (cfg.model is None) == (cfg.config_preset is None):
+        raise ValueError("give exactly one of --model (a checkpoint to fine-tune) and --config-preset (from scratch)")
+    if cfg.config_preset is not None:
+        name = cfg.config_preset
+        base = TRAINING_PRESETS.get(name)
+        try:
+            config = GPT2Config(**{**base, **cfg.config_overrides}) if base is not None else \
+                GPT2Config.from_preset(name, **cfg.config_overrides)
+        except TypeError as e:
+            raise ValueError(f"bad --config override: {e}") from None
+        except ValueError as e:
+            known = ", ".join([*TRAINING_PRESETS, "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
+            raise ValueError(f"{e} (presets: {known})" if "preset" in str(e) else str(e)) from None
+        return config, None, GPT2Tokenizer()
+    from ..checkpoints.pretrained import from_pretrained
+
+    try:
+        loaded = from_pretrained(cfg.model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model {cfg.model!r}: {e}") from None
+    config = loaded.config
+    if cfg.config_overrides:
+        allowed = {"resid_pdrop", "embd_pdrop", "attn_pdrop"}
+        bad = set(cfg.config_overrides) - allowed
+        if bad:
+            raise ValueError(f"a pretrained model's architecture is fixed; only {sorted(allowed)} may be overridden, "
+                             f"not {sorted(bad)}")
+        config = config.replace(**cfg.config_overrides)
+    return config, loaded.params, loaded.tokenizer
+
+
+def prepare_output_dir(cfg: TrainConfig) -> bool:
+    """Check ``cfg.out`` against --resume / --overwrite; returns True when an existing run is resumed.
+
+    Raises:
+        ValueError: the directory holds another run (or other files) and neither flag allows using it.
+    """
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    has_run = (out / RUN_FILE).is_file()
+    contents = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if cfg.resume:
+        if not has_run and contents:
+            raise ValueError(f"--resume: {out} is not empty but holds no gpt2-jax run ({RUN_FILE} missing)")
+        return has_run
+    if has_run or contents:
+        if not cfg.overwrite:
+            what = "holds another training run" if has_run else "is not empty"
+            raise ValueError(f"output directory {out} {what}; pass --resume to continue it or --overwrite to "
+                             "replace it")
+        if jax.process_index() == 0:
+            for name in RUN_ARTIFACTS:
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    return False
+
+
+def _merge_resume(cfg: TrainConfig, saved: dict, explicit: set[str] | None) -> TrainConfig:
+    """The saved run's settings, with the allowed explicit changes from ``cfg``; other differences are errors."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = dict(saved["train"])
+    problems = []
+    for name in fields:
+        new, old = getattr(cfg, name), merged.get(name)
+        if name in RESUMABLE_CHANGES or name == "out":
+            if explicit is None or name in explicit or name in ("resume", "overwrite", "out"):
+                merged[name] = new
+            continue
+        if (explicit is not None and name not in explicit) or (name == "decay_steps" and new is None):
+            continue
+        if new != old:
+            problems.append(f"{name}: run has {old!r}, command line gives {new!r}")
+    if problems:
+        raise ValueError("--resume must continue the same run; these settings differ (drop them or start a new "
+                         "run):\n  " + "\n  ".join(problems))
+    return TrainConfig(**{k: v for k, v in merged.items() if k in fields})
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics lines after ``last_step`` (steps the resumed run will redo), atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
+    with atomic_write_path(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _check_vocab(tokens: np.ndarray, config: GPT2Config, what: str) -> None:
+    top = int(np.max(tokens)) if len(tokens) else 0
+    if top >= config.vocab_size:
+        raise DataError(f"the {what} data holds token id {top} but the model's vocabulary has {config.vocab_size} "
+                        "entries")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -> Path | None:
+    """Draw the training (and evaluation) loss curve to a PNG, atomically; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib is not installed: no loss curve (pip install matplotlib)")
+        return None
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and r.get("finite", 1)]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    png_path = Path(png_path)
+    with atomic_write_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return png_path
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM -> stop at the next step boundary (a second Ctrl-C interrupts at once)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        _log(f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _gather(tree):
+    """Host numpy copies of (possibly sharded, possibly multi-host) arrays."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
+    """Run (or resume) a training run described by ``cfg``; see the module docstring for the outputs.
+
+    Args:
+        cfg: the settings.
+        explicit: names of the settings the user set explicitly (the CLI passes them), so that ``--resume``
+            can tell a deliberate change from a default; None compares every field.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        ValueError / DataError: bad settings or data (messages name the problem).
+        TrainingError: the loss stayed non-finite for ``max_consecutive_skips`` steps.
+    """
+    out = Path(cfg.out)
+    is_main = jax.process_index() == 0
+    resuming = prepare_output_dir(cfg)
+    if resuming:
+        saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
+        cfg = _merge_resume(cfg, saved, explicit)
+        config = GPT2Config.from_hf_dict(saved["model_config"])
+        from ..tokenizer import GPT2Tokenizer
+
+        tokenizer = GPT2Tokenizer.from_directory(out / "tokenizer")
+        params = None
+    else:
+        config, params, tokenizer = resolve_model_config(cfg)
+        cfg = dataclasses.replace(cfg, decay_steps=cfg.decay_steps or cfg.steps)
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    seq_len = cfg.seq_len or config.n_positions
+    if not 0 < seq_len <= config.n_positions:
+        raise ValueError(f"--seq-len {seq_len} must be in [1, n_positions={config.n_positions}]")
+    if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.save_every <= 0:
+        raise ValueError("--steps, --batch-size and --save-every must be positive")
+    mesh = make_mesh(cfg.mesh_data, cfg.mesh_model)
+    check_batch_size(cfg.batch_size, mesh, cfg.strategy, cfg.accum_steps)
+
+    # Data (tokenised into out/data once).
+    tokens = load_or_tokenize(cfg.data, out / "data", tokenizer, cfg.text_field, progress=cfg.progress and is_main)
+    _check_vocab(tokens, config, "training")
+    eval_tokens = None
+    if cfg.eval_data:
+        eval_tokens = load_or_tokenize(cfg.eval_data, out / "data" / "eval", tokenizer, cfg.text_field,
+                                       progress=cfg.progress and is_main)
+        _check_vocab(eval_tokens, config, "evaluation")
+    init_key, dropout_key, data_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
+    loader = WindowLoader(tokens, cfg.batch_size, seq_len, seed=np.asarray(data_key), shuffle=cfg.shuffle)
+
+    # Run files.
+    if is_main and not resuming:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save_pretrained(out / "tokenizer")
+        _write_json(out / RUN_FILE, {"train": dataclasses.asdict(cfg), "model_config": config.to_hf_dict()})
+
+    # State: sharded over the mesh, from the newest checkpoint or fresh.
+    optimizer, schedule = make_optimizer(cfg.optimizer_config())
+    state_shape = jax.eval_shape(lambda: TrainState.create(init_params(init_key, config), optimizer))
+    shardings = state_shardings(state_shape, optimizer, mesh, cfg.strategy)
+    b_sharding = batch_sharding(mesh, cfg.strategy)
+    ckpt = CheckpointManager(out / "checkpoints", max_to_keep=cfg.keep, async_save=cfg.async_checkpointing)
+    if resuming and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract_state(state_shape, shardings))
+        if meta.get("dropout_key") != np.asarray(dropout_key).tolist():
+            raise TrainingError("the checkpoint's rng key does not match the run's seed")
+        _log(f"resuming {out} from step {int(state.step)}")
+    else:
+        if resuming:
+            _log(f"{out} has no complete checkpoint yet: starting at step 0")
+            if cfg.model is not None:
+                params = resolve_model_config(cfg)[1]
+        if params is None:
+            params = init_params(init_key, config)
+        state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings)(params)
+        del params
+    start = int(jax.device_get(state.step))
+    if is_main:
+        _truncate_metrics(out / METRICS_FILE, start)
+
+    train_step = make_train_step(
+        config, optimizer, schedule, accum_steps=cfg.accum_steps,
+        compute_dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32, dropout=cfg.dropout,
+        state_sharding=shardings, batch_sharding=b_sharding,
+    )
+    nll_fn = make_nll_fn(config, jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32) if eval_tokens is not None \
+        else None
+
+    def meta(step: int) -> dict:
+        return {"seed": cfg.seed, "data_position": {"step": step, "samples": step * cfg.batch_size,
+                                                    "epoch": loader.epoch_of(step)},
+                "dropout_key": np.asarray(dropout_key).tolist(), "tokens_seen": step * cfg.batch_size * seq_len}
+
+    def run_eval(step: int) -> dict:
+        result = evaluate(state.params, config, eval_tokens, seq_len=seq_len, batch_size=cfg.batch_size,
+                          max_windows=cfg.eval_windows, progress=False, nll_fn=nll_fn)
+        record = {"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
+                  "eval_tokens": result.n_tokens}
+        _log(f"step {step}: eval loss {result.loss:.4f}, perplexity {result.perplexity:.2f}")
+        return record
+
+    from tqdm.auto import tqdm
+
+    tokens_per_step = cfg.batch_size * seq_len
+    metrics_file = open(out / METRICS_FILE, "a", encoding="utf-8") if is_main else None
+    last_loss, last_eval, consecutive_skips = None, None, 0
+    interrupted = False
+    bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not (cfg.progress and is_main),
+               dynamic_ncols=True)
+    recent: list[tuple[int, float]] = []  # (step, wall time) of the last few logged steps, for tokens/s
+    t0 = time.perf_counter()
+
+    def emit(record: dict) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    def finish_step(step: int, metrics) -> None:
+        """Log the metrics of ``step`` (1-based) once they are on the host."""
+        nonlocal last_loss, consecutive_skips
+        m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        recent.append((step, now))
+        del recent[:-11]
+        rate = (tokens_per_step * (recent[-1][0] - recent[0][0]) / (recent[-1][1] - recent[0][1])
+                if len(recent) > 1 and recent[-1][1] > recent[0][1] else float("nan"))
+        consecutive_skips = 0 if m["finite"] else consecutive_skips + 1
+        if m["finite"]:
+            last_loss = m["loss"]
+        if step % cfg.log_every == 0 or step == cfg.steps or not m["finite"]:
+            emit({"step": step, **m, "tokens": step * tokens_per_step, "tokens_per_s": rate,
+                  "epoch": loader.epoch_of(step), "elapsed_s": now - t0})
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:,.0f}" if math.isfinite(rate) else "-",
+                        refresh=False)
+        if consecutive_skips >= cfg.max_consecutive_skips:
+            raise TrainingError(
+                f"loss or gradients were non-finite for {consecutive_skips} consecutive steps (last: step {step}); "
+                "those updates were skipped. Lower --learning-rate, use --dtype float32 or check the data.")
+
+    try:
+        with _StopFlag() as stop:
+            pending = None
+            for step in range(start, cfg.steps):
+                batch = global_batch(loader.batch(step, jax.process_index(), jax.process_count()), b_sharding,
+                                     cfg.batch_size)  # [batch, seq_len + 1]
+                state, metrics = train_step(state, batch, jax.random.fold_in(dropout_key, step))
+                if pending is not None:
+                    finish_step(*pending)  # the previous step's metrics, while this one runs
+                pending = (step + 1, metrics)
+                done = step + 1
+                boundary = done % cfg.save_every == 0 or done == cfg.steps or stop.signal is not None
+                evaluate_now = eval_tokens is not None and cfg.eval_every and done % cfg.eval_every == 0
+                if boundary or evaluate_now:
+                    finish_step(*pending)
+                    pending = None
+                if evaluate_now and done != cfg.steps:
+                    emit(run_eval(done))
+                if boundary:
+                    ckpt.save(state, meta(done))
+                if stop.signal is not None:
+                    interrupted = True
+                    break
+            if pending is not None:
+                finish_step(*pending)
+        if not interrupted and eval_tokens is not None:
+            last_eval = run_eval(int(jax.device_get(state.step)))
+            emit(last_eval)
+    finally:
+        bar.close()
+        ckpt.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    final_step = int(jax.device_get(state.step))
+    if not interrupted and cfg.save_final:
+        host_params = _gather(state.params)
+        if is_main:
+            save_hf_directory(out / "final", host_params, config, tokenizer=tokenizer)
+            _log(f"final weights: {out / 'final'} (Hugging Face format)")
+    if is_main and cfg.plot and (out / METRICS_FILE).exists():
+        plot_losses(out / METRICS_FILE, out / "loss.png")
+    _log(f"{'stopped' if interrupted else 'finished'} at step {final_step}; metrics: {out / METRICS_FILE}")
+    return TrainResult(state, config, out, last_loss, last_eval, interrupted)

@@ -1,0 +1,95 @@
+"""The optimizer: AdamW with GPT-2's weight-decay mask, linear warmup + cosine decay, global-norm clipping.
+
+Weight decay applies to the matrices of the matmuls only (every ``kernel``: ``c_attn``, ``c_proj``, ``c_fc`` and
+head projections). Biases, layer-norm scales/biases and the token and position embeddings (``wte`` is also the
+tied LM head) are not decayed. This is the mask of the GPT-2 / GPT-3 recipes (nanoGPT decays ``wte``/``wpe`` too,
+as they are 2-D; we follow the stated convention of not decaying embeddings).
+
+``optax.adamw`` is the decoupled form of Loshchilov & Hutter, identical to ``torch.optim.AdamW``:
+``p <- p - lr * (m_hat / (sqrt(v_hat) + eps) + wd * p)``, with the bias corrections of Adam.
+
+Gradient accumulation is done by the train step (a ``lax.scan`` over micro-batches, see
+:mod:`gpt2_jax.training.step`), so one optimizer update is one step and schedules count optimizer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Hyper-parameters of :func:`make_optimizer` (defaults: a typical GPT-2 fine-tuning setup)."""
+
+    learning_rate: float = 3e-4  # peak learning rate, reached after warmup
+    warmup_steps: int = 100  # linear warmup from 0 to learning_rate
+    total_steps: int = 1000  # warmup + cosine decay length; after it the rate stays at the minimum
+    min_lr_ratio: float = 0.1  # final learning rate = min_lr_ratio * learning_rate
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # decoupled, on matmul kernels only (see decay_mask)
+    grad_clip: float | None = 1.0  # clip the global gradient norm to this (None: no clipping)
+
+    def __post_init__(self):
+        if self.learning_rate < 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate and weight_decay must be >= 0")
+        if self.warmup_steps < 0 or self.total_steps <= 0:
+            raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {self.warmup_steps}, {self.total_steps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+
+
+def decay_mask(params) -> dict:
+    """A pytree of bools like ``params``: True where weight decay applies (leaves named ``kernel``).
+
+    Embeddings (``wte``/``wpe`` ``embedding``), biases and layer-norm ``scale``/``bias`` are False.
+    """
+    def decays(path, _leaf) -> bool:
+        return getattr(path[-1], "key", None) == "kernel"
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+    """Learning rate per optimizer step: linear 0 -> peak over ``warmup_steps``, then cosine to
+    ``min_lr_ratio * peak`` at ``total_steps``, then constant."""
+    warmup = min(cfg.warmup_steps, cfg.total_steps)
+    if warmup == cfg.total_steps:  # all warmup: no decay phase
+        return optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=cfg.total_steps,  # optax counts the warmup inside decay_steps
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: OptimizerConfig = OptimizerConfig()) -> tuple[optax.GradientTransformation, Callable]:
+    """``(optimizer, schedule)``: global-norm clipping, then AdamW with :func:`decay_mask` and the schedule.
+
+    Args:
+        cfg: the hyper-parameters.
+
+    Returns:
+        The ``optax`` transformation and the learning-rate schedule (step -> lr) it uses.
+    """
+    schedule = make_schedule(cfg)
+    parts = []
+    if cfg.grad_clip is not None:
+        parts.append(optax.clip_by_global_norm(cfg.grad_clip))
+    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+def global_norm(tree) -> jax.Array:
+    """L2 norm of all leaves together (float32)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

@@ -1,0 +1,169 @@
+"""Device mesh and partition rules: the same training code on 1 device, N devices or N hosts.
+
+The mesh has two axes, ``("data", "model")``. Two strategies decide what the ``model`` axis does:
+
+``"fsdp"`` (default; ZeRO-3 style fully-sharded data parallelism)
+    Every matrix (ndim >= 2: kernels and embeddings) is split over ``model`` along its largest dimension that the
+    axis size divides; vectors (biases, layer norms) are replicated. The batch is split over *both* axes
+    (``P(("data", "model"))``), so every device computes on its own rows and XLA all-gathers each weight where it
+    is used and reduce-scatters its gradient. Params and optimizer state take ``1 / model`` of the memory.
+
+``"tp"`` (Megatron tensor parallelism)
+    ``c_attn`` and ``c_fc`` kernels are split column-wise (``P(None, "model")``, their biases ``P("model")``),
+    ``c_proj`` kernels row-wise (``P("model", None)``), the embeddings along ``n_embd``; the batch is split over
+    ``data`` only (devices of one ``model`` group see the same rows). ``c_attn``'s output columns are q|k|v, so a
+    column split does not fall on head boundaries and XLA inserts the needed collectives: correct, but FSDP is
+    the better choice for GPT-2 sizes.
+
+A leaf whose dimensions the axis size does not divide is replicated (e.g. ``wte``'s 50257 rows). With
+``model=1`` both strategies are plain data parallelism (everything replicated, the batch split over ``data``).
+
+Multi-host: call :func:`initialize_distributed` (``jax.distributed.initialize()``: auto-detected on Cloud TPU,
+SLURM and Open MPI; else pass ``coordinator_address``, ``num_processes``, ``process_id``) in every process
+*before* any other JAX call, then build the mesh over ``jax.devices()`` (all hosts' devices). Each process loads
+its own contiguous ``1 / process_count`` slice of the global batch (``WindowLoader.batch(step,
+jax.process_index(), jax.process_count())``) and :func:`global_batch` assembles the global array; checkpoints
+(orbax) are written cooperatively by all processes; only process 0 writes logs and the final HF directory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+STRATEGIES = ("fsdp", "tp")
+
+
+def initialize_distributed(**kwargs) -> None:
+    """Join a multi-host run (``jax.distributed.initialize(**kwargs)``); call first in every process."""
+    jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
+    """A ``("data", "model")`` mesh of ``data * model`` devices (``data`` defaults to ``len(devices) // model``).
+
+    Raises:
+        ValueError: the axis sizes do not multiply to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if model < 1 or n % model:
+        raise ValueError(f"model axis size {model} does not divide the {n} devices")
+    data = n // model if data is None else data
+    if data * model != n:
+        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, there are {n}")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh((data, model), devices)  # topology-aware order on TPU / GPU
+    except Exception:  # noqa: BLE001 - CPU / unusual platforms: plain order
+        grid = np.asarray(devices, dtype=object).reshape(data, model)
+    return Mesh(grid, (DATA, MODEL))
+
+
+def _fsdp_spec(shape: tuple[int, ...], size: int) -> P:
+    if len(shape) < 2 or size == 1:
+        return P()
+    for dim in sorted(range(len(shape)), key=lambda d: (-shape[d], d)):
+        if shape[dim] % size == 0:
+            return P(*[MODEL if d == dim else None for d in range(len(shape))])
+    return P()
+
+
+def _tp_spec(path: tuple[str, ...], shape: tuple[int, ...], size: int) -> P:
+    module, leaf = (path[-2] if len(path) > 1 else ""), path[-1]
+    if module in ("c_attn", "c_fc"):
+        spec = P(None, MODEL) if leaf == "kernel" else P(MODEL)  # column-parallel
+    elif module == "c_proj" and leaf == "kernel":
+        spec = P(MODEL, None)  # row-parallel (its bias is added after the all-reduce: replicated)
+    elif leaf == "embedding":
+        spec = P(None, MODEL)  # along n_embd
+    else:
+        return P()
+    for dim, axis in enumerate(spec):
+        if axis is not None and shape[dim] % size:
+            return P()
+    return spec
+
+
+def param_specs(params, mesh: Mesh, strategy: str = "fsdp"):
+    """A pytree of ``PartitionSpec`` like ``params`` (leaves may be arrays or ``ShapeDtypeStruct``s)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    size = mesh.shape[MODEL]
+
+    def spec(key_path, leaf):
+        path = tuple(str(getattr(k, "key", k)) for k in key_path)
+        shape = tuple(leaf.shape)
+        return _fsdp_spec(shape, size) if strategy == "fsdp" else _tp_spec(path, shape, size)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params, mesh: Mesh, strategy: str = "fsdp"):
+    """``NamedSharding`` per param leaf (see :func:`param_specs`)."""
+    return jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), param_specs(params, mesh, strategy),
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_axes(mesh: Mesh, strategy: str = "fsdp") -> tuple[str, ...]:
+    """Mesh axes the batch rows are split over: both for FSDP, ``data`` for tensor parallelism."""
+    return (DATA, MODEL) if strategy == "fsdp" else (DATA,)
+
+
+def batch_shards(mesh: Mesh, strategy: str = "fsdp") -> int:
+    """Number of pieces the batch is split into."""
+    return int(np.prod([mesh.shape[a] for a in batch_axes(mesh, strategy)]))
+
+
+def batch_sharding(mesh: Mesh, strategy: str = "fsdp") -> NamedSharding:
+    """Sharding of a ``[batch, ...]`` array: rows over :func:`batch_axes`."""
+    return NamedSharding(mesh, P(batch_axes(mesh, strategy)))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, strategy: str = "fsdp", accum_steps: int = 1) -> None:
+    """Raise ``ValueError`` unless each micro-batch splits evenly over the batch axes of the mesh."""
+    shards = batch_shards(mesh, strategy)
+    axes = " x ".join(f"{a}={mesh.shape[a]}" for a in batch_axes(mesh, strategy))
+    if batch_size % accum_steps:
+        raise ValueError(f"batch size {batch_size} is not divisible by accum_steps={accum_steps}")
+    micro = batch_size // accum_steps
+    if micro % shards:
+        what = f"micro-batch size {micro} (batch {batch_size} / accum {accum_steps})" if accum_steps > 1 else \
+            f"batch size {batch_size}"
+        raise ValueError(f"{what} is not divisible by the {shards} batch shards of the mesh ({axes})")
+
+
+def state_shardings(state_shape, optimizer, mesh: Mesh, strategy: str = "fsdp"):
+    """Shardings for a :class:`~gpt2_jax.training.step.TrainState` (shape-only is fine, e.g. ``jax.eval_shape``):
+    params per :func:`param_specs`; optimizer moments like their params; counters replicated."""
+    replicated = NamedSharding(mesh, P())
+    p_shardings = param_shardings(state_shape.params, mesh, strategy)
+    opt = _mirror_params(optimizer, state_shape.opt_state, p_shardings, replicated)
+    return state_shape.replace(step=replicated, params=p_shardings, opt_state=opt, skipped=replicated)
+
+
+def _mirror_params(optimizer, opt_state, p_shardings, replicated):
+    import optax
+
+    return optax.tree_map_params(
+        optimizer,
+        lambda _leaf, sharding: sharding,
+        opt_state,
+        p_shardings,
+        transform_non_params=lambda _leaf: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def shard(tree, shardings):
+    """``jax.device_put`` each leaf with its sharding."""
+    return jax.tree_util.tree_map(jax.device_put, tree, shardings)
+
+
+def global_batch(local_rows: np.ndarray, sharding: NamedSharding, global_rows: int) -> jax.Array:
+    """The global ``[global_rows, ...]`` batch from this process's contiguous rows (all rows on one host)."""
+    shape = (global_rows, *local_rows.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, local_rows, shape)

@@ -1,0 +1,181 @@
+"""The jitted, pure train step: ``(state, batch, key) -> (state, metrics)``.
+
+- Loss: mean next-token cross-entropy over a batch of windows ``[batch, seq_len + 1]`` (inputs ``[:, :-1]``,
+  labels ``[:, 1:]``), computed in float32 whatever the compute dtype.
+- Dropout draws from ``key`` (per micro-batch ``fold_in(key, i)``); with every dropout rate 0, or
+  ``dropout=False``, the step is deterministic.
+- Mixed precision: ``compute_dtype=jnp.bfloat16`` runs matmuls and activations in bfloat16 while the params
+  (the "master weights"), gradients and optimizer state stay float32; layer norms, softmax and the loss are
+  float32 anyway.
+- Gradient accumulation: ``accum_steps > 1`` splits the batch into micro-batches (row ``r`` goes to micro-batch
+  ``r % accum_steps``, so each device keeps its own rows) and scans over them, summing gradients; the result is
+  the gradient of the whole batch's mean loss, with the activation memory of one micro-batch.
+- Non-finite policy: when the loss or the global gradient norm is not finite (NaN/inf, including a norm that
+  overflows float32), the update is skipped: params and optimizer state are kept as they were, ``state.skipped``
+  is incremented and ``metrics['finite']`` is 0. The step counter still advances (the batch is consumed), while
+  the learning-rate schedule, which counts applied updates, does not. The training loop stops with an error
+  after too many consecutive skips (see :mod:`gpt2_jax.training.loop`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..config import GPT2Config
+from ..losses import cross_entropy
+from ..model import GPT2LMHeadModel
+from .optim import global_norm
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a train step updates: ``step`` (int32 ``[]``, batches consumed), ``params`` (float32 master
+    weights), ``opt_state`` (optax state) and ``skipped`` (int32 ``[]``, non-finite steps skipped so far)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    skipped: jax.Array
+
+    @classmethod
+    def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
+        """A state at step 0 with a fresh optimizer state."""
+        return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    def to_dict(self) -> dict:
+        """The state as a plain dict (what checkpoints store)."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "skipped": self.skipped}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        return cls(d["step"], d["params"], d["opt_state"], d["skipped"])
+
+
+def _has_dropout(config: GPT2Config) -> bool:
+    return max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
+
+
+def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = True) -> Callable:
+    """``loss(params, tokens [B, T + 1], key) -> []`` float32 mean next-token cross-entropy."""
+    model = GPT2LMHeadModel(config, dtype=compute_dtype)
+    train = dropout and _has_dropout(config)
+
+    def loss_fn(params, tokens, key):
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
+        out = model.apply({"params": params}, inputs, deterministic=not train,
+                          rngs={"dropout": key} if train else None)
+        return cross_entropy(out.logits, labels)  # logits [B, T, vocab] -> []
+
+    return loss_fn
+
+
+def make_train_step(
+    config: GPT2Config,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable | None = None,
+    *,
+    accum_steps: int = 1,
+    compute_dtype=jnp.float32,
+    dropout: bool = True,
+    state_sharding=None,
+    batch_sharding: NamedSharding | None = None,
+    donate: bool = True,
+    jit: bool = True,
+) -> Callable:
+    """Build the train step ``(state, batch, key) -> (state, metrics)``.
+
+    Args:
+        config: the model architecture.
+        optimizer: an optax transformation (e.g. from :func:`~gpt2_jax.training.optim.make_optimizer`).
+        schedule: the learning-rate schedule, only to report ``metrics['lr']``.
+        accum_steps: micro-batches per step; the batch size must be divisible by it.
+        compute_dtype: ``jnp.float32`` or ``jnp.bfloat16`` (params stay float32).
+        dropout: apply the config's dropout rates (drawn from ``key``); False for a deterministic step.
+        state_sharding: a pytree of shardings like the :class:`TrainState` (from
+            :func:`~gpt2_jax.training.sharding.state_shardings`), or None for one device.
+        batch_sharding: the batch's sharding (rows over the data axes); required with ``state_sharding``.
+        donate: donate the input state's buffers (update in place); do not reuse the old state after the call.
+        jit: return the jitted function (False: the plain function, e.g. to wrap yourself).
+
+    Returns:
+        ``step(state, batch, key)`` with ``batch`` int ``[batch, seq_len + 1]`` and ``key`` a ``jax.random``
+        key; metrics are float32/int32 scalars ``loss``, ``grad_norm`` (before clipping), ``lr``, ``finite``
+        (1 if the update was applied) and ``skipped`` (total).
+    """
+    if accum_steps < 1:
+        raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    loss_fn = make_loss_fn(config, compute_dtype, dropout)
+    grad_fn = jax.value_and_grad(loss_fn)
+    micro_sharding = None
+    if batch_sharding is not None and accum_steps > 1:
+        spec = batch_sharding.spec
+        micro_sharding = NamedSharding(batch_sharding.mesh, P(None, *spec))
+
+    def loss_and_grads(params, batch, key):
+        if accum_steps == 1:
+            return grad_fn(params, batch, key)
+        rows, width = batch.shape
+        if rows % accum_steps:
+            raise ValueError(f"batch size {rows} is not divisible by accum_steps={accum_steps}")
+        # [rows, width] -> [rows / accum, accum, width] -> [accum, rows / accum, width]: micro-batch i = rows
+        # i, i + accum, ...; a device holding a contiguous block of rows holds a share of every micro-batch.
+        micro = batch.reshape(rows // accum_steps, accum_steps, width).swapaxes(0, 1)
+        if micro_sharding is not None:
+            micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+        def body(carry, xs):
+            loss_sum, grad_sum = carry
+            tokens, i = xs
+            loss, grads = grad_fn(params, tokens, jax.random.fold_in(key, i))
+            return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                        (micro, jnp.arange(accum_steps)))
+        scale = 1.0 / accum_steps
+        return loss * scale, jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+
+    def step(state: TrainState, batch: jax.Array, key: jax.Array):
+        loss, grads = loss_and_grads(state.params, batch, key)
+        grad_norm = global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jnp.where(finite, new, old)
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=jax.tree_util.tree_map(keep, new_params, state.params),
+            opt_state=jax.tree_util.tree_map(keep, new_opt_state, state.opt_state),
+            skipped=skipped,
+        )
+        applied = state.step - state.skipped  # the schedule counts applied updates only
+        lr = schedule(applied) if schedule is not None else jnp.nan
+        metrics = {
+            "loss": loss.astype(jnp.float32),
+            "grad_norm": grad_norm,
+            "lr": jnp.asarray(lr, jnp.float32),
+            "finite": finite.astype(jnp.int32),
+            "skipped": skipped,
+        }
+        return new_state, metrics
+
+    if not jit:
+        return step
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=(0,) if donate else ())
+    if batch_sharding is None:
+        raise ValueError("batch_sharding is required with state_sharding")
+    replicated = NamedSharding(batch_sharding.mesh, P())
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding, batch_sharding, replicated),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=(0,) if donate else (),
+    )
