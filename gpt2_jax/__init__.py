@@ -1,1 +1,23 @@
 """gpt2-jax: a pure-functional GPT-2 in JAX/Flax. The public API, re-exported."""
+
+from .checkpoints.hf_directory import load_hf_directory, save_hf_directory
+from .checkpoints.pretrained import Pretrained, from_pretrained
+from .checkpoints.safetensors_io import CheckpointError
+from .config import GPT2Config
+from .kv_cache import KVCache
+from .losses import causal_lm_loss, cross_entropy
+from .model import (
+    CausalLMOutput,
+    DoubleHeadsOutput,
+    GPT2DoubleHeadsModel,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    GPT2Output,
+    SequenceClassifierOutput,
+    count_params,
+    init_params,
+)
+from .tokenizer import GPT2Tokenizer, StreamingDecoder
+
+__version__ = "0.1.0"
