@@ -19,8 +19,7 @@ to reproduce its forward on left-padded input.
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,28 +28,11 @@ import numpy as np
 from flax import struct
 
 from .config import GPT2Config
-from .kv_cache import KVCache, advance, write_slots
+from .kv_cache import KVCache, advance
+from .layers import GPT2BlockStack, LayerNorm, dense
 from .losses import IGNORE_INDEX, causal_lm_loss, cross_entropy
 
 Dtype = Any
-
-
-# Activations ---------------------------------------------------------------------------------------------------
-def _gelu_fast(x):
-    return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
-
-
-ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_fast": _gelu_fast,
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 # Outputs -------------------------------------------------------------------------------------------------------
@@ -102,155 +84,6 @@ class SequenceClassifierOutput:
     loss: jax.Array | None = None
     hidden_states: tuple[jax.Array, ...] | None = None
     attentions: tuple[jax.Array, ...] | None = None
-
-
-# Layers --------------------------------------------------------------------------------------------------------
-class LayerNorm(nn.Module):
-    """Layer norm computed in float32 whatever the param and activation dtypes (``scale``/``bias`` params)."""
-
-    epsilon: float
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        width = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (width,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (width,), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
-
-
-def _dense(features: int, std: float, dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        kernel_init=nn.initializers.normal(std),
-        bias_init=nn.initializers.zeros,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
-
-
-class GPT2Attention(nn.Module):
-    """Causal multi-head self-attention (``c_attn`` -> heads -> ``c_proj``), optionally over a KV cache."""
-
-    config: GPT2Config
-    layer_idx: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, visible, layer_cache=None, cache_index=None, head_mask=None, deterministic=True):
-        """
-        Args:
-            x: ``[batch, T, n_embd]``.
-            visible: ``[batch, 1, T, S]`` bool, which key slot each query may attend to.
-            layer_cache: ``(keys, values)`` of this layer, each ``[batch, n_head, S, head_dim]``, or None.
-            cache_index: ``[]`` int32 slot where the T new keys are written (with ``layer_cache``).
-            head_mask: ``[n_head]`` multipliers of the attention probabilities, or None.
-
-        Returns:
-            ``(out [batch, T, n_embd], probs [batch, n_head, T, S], new layer_cache or None)``.
-        """
-        cfg = self.config
-        batch, length, _ = x.shape
-        resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        qkv = _dense(3 * cfg.n_embd, cfg.initializer_range, self.dtype, self.param_dtype, "c_attn")(x)
-        # [batch, T, 3 * n_embd] -> 3 x [batch, n_head, T, head_dim]
-        q, k, v = (
-            t.reshape(batch, length, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3)
-            for t in jnp.split(qkv, 3, axis=-1)
-        )
-        if layer_cache is not None:
-            k = write_slots(layer_cache[0], k, cache_index)  # [batch, n_head, S, head_dim]
-            v = write_slots(layer_cache[1], v, cache_index)
-            new_cache = (k, v)
-        else:
-            new_cache = None
-
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale /= math.sqrt(cfg.head_dim)
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= float(self.layer_idx + 1)
-        score_dtype = jnp.float32 if cfg.reorder_and_upcast_attn else q.dtype
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(score_dtype), k.astype(score_dtype)) * scale
-        scores = scores.astype(jnp.float32)  # [batch, n_head, T, S]; softmax always in float32
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-        if head_mask is not None:
-            probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(batch, length, cfg.n_embd)
-        out = _dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(out)
-        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
-        return out, probs, new_cache
-
-
-class GPT2MLP(nn.Module):
-    """``c_fc`` -> activation -> ``c_proj`` -> dropout."""
-
-    config: GPT2Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, deterministic=True):
-        cfg = self.config
-        resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        h = _dense(cfg.inner_dim, cfg.initializer_range, self.dtype, self.param_dtype, "c_fc")(x)
-        h = ACTIVATION_FNS[cfg.activation_function](h)  # [batch, T, n_inner]
-        h = _dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(h)
-        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
-
-
-class GPT2Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
-
-    config: GPT2Config
-    layer_idx: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, visible, layer_cache=None, cache_index=None, head_mask=None, deterministic=True):
-        cfg = self.config
-        norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name=name)
-        attn = GPT2Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
-        attn_out, probs, layer_cache = attn(norm("ln_1")(x), visible, layer_cache, cache_index, head_mask, deterministic)
-        x = x + attn_out
-        x = x + GPT2MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("ln_2")(x), deterministic)
-        return x, probs, layer_cache
-
-
-class GPT2BlockStack(nn.Module):
-    """The ``n_layer`` blocks, named ``0 .. n_layer-1`` so params read ``h/<i>/...``."""
-
-    config: GPT2Config
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, visible, cache=None, head_mask=None, deterministic=True):
-        """Returns ``(x, per-block outputs, per-layer attention probs, (keys, values) or None)``."""
-        block_outputs, attentions, keys, values = [], [], [], []
-        for i in range(self.config.n_layer):
-            layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-            layer_head_mask = head_mask[i] if head_mask is not None else None
-            block = GPT2Block(self.config, i, self.dtype, self.param_dtype, name=str(i))
-            x, probs, layer_cache = block(
-                x, visible, layer_cache, cache.index if cache is not None else None, layer_head_mask, deterministic
-            )
-            block_outputs.append(x)
-            attentions.append(probs)
-            if layer_cache is not None:
-                keys.append(layer_cache[0])
-                values.append(layer_cache[1])
-        return x, block_outputs, attentions, ((keys, values) if cache is not None else None)
 
 
 # Input checks (run only on concrete values: inside jit the arrays are tracers) ---------------------------------
@@ -511,7 +344,7 @@ class SequenceSummary(nn.Module):
         pooled = nn.Dropout(cfg.summary_first_dropout)(pooled, deterministic=deterministic)
         if cfg.summary_use_proj:
             width = 1 if cfg.summary_proj_to_labels else cfg.n_embd
-            pooled = _dense(width, cfg.initializer_range, self.dtype, self.param_dtype, "summary")(pooled)
+            pooled = dense(width, cfg.initializer_range, self.dtype, self.param_dtype, "summary")(pooled)
         if cfg.summary_activation == "tanh":
             pooled = jnp.tanh(pooled)
         return nn.Dropout(cfg.summary_last_dropout)(pooled, deterministic=deterministic)
