@@ -166,7 +166,10 @@ def load_directory(directory: str | os.PathLike, dtype: Any = jnp.float32) -> Pr
         try:
             params = state_dict_to_params(state, config, to_device(dtype))
         except CheckpointError as e:
-            raise CheckpointError(f"{location.path}: {e}") from None
+            hint = ""
+            if location.format == "flax":
+                hint = "\n  (Flax params are named by their PyTorch equivalents, Conv1D kernels shown as [in, out])"
+            raise CheckpointError(f"{location.path}: {e}{hint}") from None
         del state
     tokenizer, note = _tokenizer_and_note(directory)
     notes = ()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -61,12 +63,15 @@ def read_torch_bin(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path} is empty (truncated download?)")
     zipped = zipfile.is_zipfile(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Detected pickle protocol 4 ..."
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. Please|\n\n|$)", str(e), re.DOTALL)
+        detail = match.group(1).strip() if match else (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"{path}: not a plain PyTorch state dict, or corrupt: torch.load(weights_only=True) refused it "
-            f"({first_line})"
+            f"{path}: corrupt, or not a plain PyTorch state dict: torch.load(weights_only=True) refused it "
+            f"({detail})"
         ) from e
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, AttributeError, KeyError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
