@@ -1,0 +1,186 @@
+"""Logits processors with Hugging Face semantics, written for traced knobs (no recompiles when a value changes).
+
+Every function takes ``logits [batch, vocab]`` (float32) and returns the processed logits of the same shape, with
+removed tokens set to ``-inf``. The knobs (``penalty``, ``temperature``, ``top_k``, ``top_p``) may be Python numbers
+or traced scalars; the "disabled" values (1.0, 0, 1.0) leave the logits unchanged, as Hugging Face does by not adding
+the processor at all.
+
+The order :func:`process_logits` applies them in is Hugging Face's: repetition penalty, no-repeat n-gram,
+min-new-tokens, then (sampling only) temperature, top-k, top-p.
+
+Differences from Hugging Face, on purpose: the repetition penalty and the n-gram ban only look at each row's real
+tokens (``start`` marks where a left-padded row begins), so a padded row is processed exactly as the row alone.
+(Hugging Face's repetition penalty also skips left padding; its n-gram ban also scans the padding.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = float("-inf")
+
+
+def repetition_penalty(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """CTRL repetition penalty (``RepetitionPenaltyLogitsProcessor``).
+
+    Args:
+        logits: ``[batch, vocab]``.
+        seen: ``[batch, vocab]`` bool, True for every token id already in the row.
+        penalty: > 0; a seen token's logit ``x`` becomes ``x * penalty`` if ``x < 0`` else ``x / penalty``.
+    """
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalized, logits)
+
+
+def seen_mask(tokens: jax.Array, valid: jax.Array, vocab_size: int) -> jax.Array:
+    """``[batch, vocab]`` bool: which ids occur at the ``valid [batch, L]`` positions of ``tokens [batch, L]``."""
+    batch = tokens.shape[0]
+    index = jnp.where(valid, tokens, vocab_size)  # invalid positions scatter into a dropped extra column
+    mask = jnp.zeros((batch, vocab_size + 1), bool).at[jnp.arange(batch)[:, None], index].set(True)
+    return mask[:, :vocab_size]
+
+
+def no_repeat_ngram_banned(tokens: jax.Array, start: jax.Array, end, ngram_size: int, vocab_size: int) -> jax.Array:
+    """Tokens that would repeat an n-gram (``NoRepeatNGramLogitsProcessor``), as a ``[batch, vocab]`` bool mask.
+
+    Args:
+        tokens: ``[batch, L]`` buffer; row ``b``'s real tokens are ``tokens[b, start[b]:end]``.
+        start: ``[batch]`` int, first real slot of each row (left padding before it is ignored).
+        end: ``[]`` int, one past the last written slot (shared by the rows).
+        ngram_size: static n >= 1.
+        vocab_size: static vocabulary size.
+
+    Returns:
+        True for every token ``t`` such that ``(last n-1 tokens, t)`` already occurs in the row.
+    """
+    batch, length = tokens.shape
+    n = ngram_size
+    padded = jnp.pad(tokens, ((0, 0), (0, n)))  # [batch, L + n]
+    # windows[j][b, i] = tokens[b, i + j]: the j-th token of the n-gram starting at slot i.
+    windows = [jax.lax.dynamic_slice_in_dim(padded, j, length, axis=1) for j in range(n)]
+    prefix = jax.lax.dynamic_slice_in_dim(padded, jnp.maximum(end - (n - 1), 0), n, axis=1)  # [batch, n]
+    slot = jnp.arange(length)[None, :]
+    match = (slot >= start[:, None]) & (slot + n <= end)  # the whole n-gram lies in the row's real tokens
+    for j in range(n - 1):
+        match &= windows[j] == prefix[:, j : j + 1]
+    banned_ids = jnp.where(match, windows[n - 1], vocab_size)  # [batch, L]
+    mask = jnp.zeros((batch, vocab_size + 1), bool).at[jnp.arange(batch)[:, None], banned_ids].set(True)
+    return mask[:, :vocab_size]
+
+
+def suppress_tokens(logits: jax.Array, token_mask: jax.Array, active) -> jax.Array:
+    """``-inf`` at the ``token_mask [vocab]`` ids while ``active`` (``[]`` or ``[batch]`` bool) holds.
+
+    With ``token_mask`` = the eos ids and ``active = new_tokens < min_new_tokens`` this is Hugging Face's
+    ``MinNewTokensLengthLogitsProcessor``.
+    """
+    active = jnp.asarray(active)
+    if active.ndim == 1:
+        active = active[:, None]
+    return jnp.where(active & token_mask[None, :], NEG_INF, logits)
+
+
+def temperature(logits: jax.Array, temp) -> jax.Array:
+    """``TemperatureLogitsWarper``: ``logits / temp`` (``temp`` > 0)."""
+    return logits / temp
+
+
+def _kth_largest(sorted_ascending: jax.Array, k: jax.Array) -> jax.Array:
+    """``[batch, 1]``: the k-th largest value of each row (``k`` in [1, vocab], traced)."""
+    vocab = sorted_ascending.shape[-1]
+    index = jnp.broadcast_to(vocab - k, sorted_ascending.shape[:-1])[..., None]
+    return jnp.take_along_axis(sorted_ascending, index.astype(jnp.int32), axis=-1)
+
+
+def _clip_top_k(top_k, vocab: int, min_tokens_to_keep: int) -> jax.Array:
+    """0 (disabled) -> vocab; otherwise ``clip(max(top_k, min_tokens_to_keep), 1, vocab)``, as HF does."""
+    top_k = jnp.asarray(top_k, jnp.int32)
+    return jnp.where(top_k > 0, jnp.clip(jnp.maximum(top_k, min_tokens_to_keep), 1, vocab), vocab)
+
+
+def top_k_filter(logits: jax.Array, top_k, min_tokens_to_keep: int = 1) -> jax.Array:
+    """``TopKLogitsWarper``: ``-inf`` below the k-th largest logit (ties kept); ``top_k = 0`` disables."""
+    k = _clip_top_k(top_k, logits.shape[-1], min_tokens_to_keep)
+    kth = _kth_largest(jnp.sort(logits, axis=-1), k)
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def _top_p_threshold(sorted_ascending: jax.Array, top_p, min_tokens_to_keep: int) -> jax.Array:
+    """``[batch, 1]``: the smallest logit ``TopPLogitsWarper`` keeps, from the ascending-sorted logits.
+
+    Hugging Face removes the sorted positions whose cumulative probability (summed in ascending order) is
+    ``<= 1 - top_p``, except the last ``min_tokens_to_keep``. The cumulative sum never decreases, so the removed
+    positions are a prefix and the kept ones are the values ``>=`` the first kept one.
+    """
+    vocab = sorted_ascending.shape[-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_ascending, axis=-1), axis=-1)  # [batch, vocab]
+    remove = cumulative <= 1.0 - jnp.asarray(top_p, cumulative.dtype)
+    remove = remove & (jnp.arange(vocab) < vocab - min_tokens_to_keep)
+    first_kept = jnp.sum(remove, axis=-1, keepdims=True, dtype=jnp.int32)  # [batch, 1]
+    return jnp.take_along_axis(sorted_ascending, first_kept, axis=-1)
+
+
+def top_p_filter(logits: jax.Array, top_p, min_tokens_to_keep: int = 1) -> jax.Array:
+    """``TopPLogitsWarper`` (nucleus filtering); ``top_p = 1`` disables (Hugging Face skips the warper then)."""
+    threshold = _top_p_threshold(jnp.sort(logits, axis=-1), top_p, min_tokens_to_keep)
+    filtered = jnp.where(logits < threshold, NEG_INF, logits)
+    return jnp.where(jnp.asarray(top_p) < 1.0, filtered, logits)
+
+
+def top_k_top_p_filter(logits: jax.Array, top_k, top_p, min_tokens_to_keep: int = 1) -> jax.Array:
+    """Top-k then top-p (``TopKLogitsWarper`` followed by ``TopPLogitsWarper``) with a single sort.
+
+    The sort only runs when a filter is enabled (``lax.cond`` on the traced knobs), so plain sampling does not
+    pay for it.
+    """
+    vocab = logits.shape[-1]
+
+    def filtered(x):
+        ascending = jnp.sort(x, axis=-1)  # [batch, vocab]
+        kth = _kth_largest(ascending, _clip_top_k(top_k, vocab, min_tokens_to_keep))
+        ascending = jnp.where(ascending < kth, NEG_INF, ascending)  # the top-k filtered logits, still sorted
+        nucleus = _top_p_threshold(ascending, top_p, min_tokens_to_keep)
+        threshold = jnp.where(jnp.asarray(top_p) < 1.0, jnp.maximum(kth, nucleus), kth)
+        return jnp.where(x < threshold, NEG_INF, x)
+
+    enabled = (jnp.asarray(top_k) > 0) | (jnp.asarray(top_p) < 1.0)
+    return jax.lax.cond(enabled, filtered, lambda x: x, logits)
+
+
+def process_logits(
+    logits: jax.Array,
+    *,
+    seen: jax.Array | None,
+    penalty,
+    banned: jax.Array | None,
+    eos_mask: jax.Array,
+    suppress_eos,
+    do_sample: bool,
+    temp,
+    top_k,
+    top_p,
+    min_tokens_to_keep: int = 1,
+) -> jax.Array:
+    """All processors in Hugging Face's order.
+
+    Args:
+        logits: ``[batch, vocab]`` float32 (log-probabilities for beam search, as Hugging Face passes them).
+        seen: ``[batch, vocab]`` bool for the repetition penalty, or None.
+        penalty: repetition penalty (1.0 = off).
+        banned: ``[batch, vocab]`` bool from :func:`no_repeat_ngram_banned`, or None.
+        eos_mask: ``[vocab]`` bool, the eos ids.
+        suppress_eos: ``[]``/``[batch]`` bool, True while fewer than ``min_new_tokens`` tokens exist.
+        do_sample: static; the warpers (temperature, top-k, top-p) only apply when sampling.
+        temp, top_k, top_p: the warper knobs.
+        min_tokens_to_keep: static; 1, or ``n_eos + 1`` for beam sampling (as Hugging Face).
+    """
+    if seen is not None:
+        logits = repetition_penalty(logits, seen, penalty)
+    if banned is not None:
+        logits = jnp.where(banned, NEG_INF, logits)
+    logits = suppress_tokens(logits, eos_mask, suppress_eos)
+    if do_sample:
+        logits = temperature(logits, temp)
+        logits = top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep)
+    return logits

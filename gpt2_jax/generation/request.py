@@ -1,0 +1,145 @@
+"""One generation request, checked and normalised on the host before anything is traced or compiled.
+
+:func:`build_request` resolves the special ids, validates the prompts against the model (vocabulary, n_positions),
+left-pads them to their bucket and turns the knobs into arrays. :class:`GenerationOutput` is what
+:func:`gpt2_jax.generation.generate` returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import GPT2Config
+from .config import GenerationConfig
+from .engine import PreparedPrompts, canonical_dtype, new_token_cap, params_dtype, prepare_prompts, resolve_special_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked request: prompts at their bucket, the resolved config and special ids, the traced knobs."""
+
+    prompts: PreparedPrompts
+    config: GenerationConfig
+    model_config: GPT2Config
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    cap: int  # static cap of the new-token budget
+    dtype: str  # compute dtype name
+    knobs: dict  # name -> jnp array (traced arguments)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.prompts.input_ids.shape[0])
+
+
+def make_knobs(config: GenerationConfig, eos_ids: tuple[int, ...], pad_id: int) -> dict:
+    """The traced knobs of a request, as a dict of scalar (or ``[n_eos]``) arrays."""
+    return {
+        "max_new_tokens": jnp.asarray(config.max_new_tokens, jnp.int32),
+        "min_new_tokens": jnp.asarray(config.min_new_tokens, jnp.int32),
+        "temperature": jnp.asarray(config.temperature, jnp.float32),
+        "top_k": jnp.asarray(config.top_k, jnp.int32),
+        "top_p": jnp.asarray(config.top_p, jnp.float32),
+        "repetition_penalty": jnp.asarray(config.repetition_penalty, jnp.float32),
+        "length_penalty": jnp.asarray(config.length_penalty, jnp.float32),
+        "eos_ids": jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+        "pad_id": jnp.asarray(pad_id, jnp.int32),
+    }
+
+
+def build_request(
+    params,
+    model_config: GPT2Config,
+    input_ids,
+    attention_mask=None,
+    config: GenerationConfig | None = None,
+    dtype: Any = None,
+    **overrides: Any,
+) -> Request:
+    """Check and normalise a request (see :func:`gpt2_jax.generation.generate` for the arguments).
+
+    Raises:
+        ValueError: bad knob values, ids outside the vocabulary, prompt + budget beyond ``n_positions``.
+    """
+    if not isinstance(model_config, GPT2Config):
+        raise ValueError(f"model_config must be a GPT2Config, got {type(model_config).__name__}")
+    config = config if config is not None else GenerationConfig()
+    if overrides:
+        config = config.replace(**overrides)
+    vocab = model_config.vocab_size
+    eos, pad, bos = resolve_special_ids(
+        config.eos_ids_or_none(), config.pad_token_id, config.bos_token_id, model_config, vocab
+    )
+    prompts = prepare_prompts(
+        input_ids, attention_mask, vocab_size=vocab, n_positions=model_config.n_positions,
+        max_new_tokens=config.max_new_tokens, bos_id=bos, pad_id=pad,
+    )
+    dtype_name = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
+    return Request(
+        prompts=prompts, config=config, model_config=model_config, eos_ids=eos, pad_id=pad,
+        cap=new_token_cap(config.max_new_tokens), dtype=dtype_name, knobs=make_knobs(config, eos, pad),
+    )
+
+
+def _is_typed_key(key) -> bool:
+    return jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
+
+
+def prompt_keys(key, batch_size: int) -> jax.Array:
+    """One key per prompt: a single key ``k`` gives ``fold_in(k, b)`` for prompt ``b``; ``batch_size`` keys (a
+    ``[batch]`` typed key array or ``[batch, 2]`` raw ``uint32`` keys) are used as they are.
+
+    Raises:
+        ValueError: a key batch of the wrong size.
+    """
+    key = key if _is_typed_key(key) else jnp.asarray(key)
+    batch_shape = key.shape if _is_typed_key(key) else key.shape[:-1]
+    if not _is_typed_key(key) and (key.dtype != jnp.uint32 or key.ndim < 1 or key.shape[-1] != 2):
+        raise ValueError(f"key must be a jax.random key, got an array of dtype {key.dtype} and shape {key.shape}")
+    if batch_shape == ():
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(batch_size))
+    if batch_shape == (batch_size,):
+        return key
+    raise ValueError(f"key must be one key or one per prompt ({batch_size}), got a batch of shape {batch_shape}")
+
+
+def row_keys(keys: jax.Array, repeats: int) -> jax.Array:
+    """``[batch]`` prompt keys -> ``[batch * repeats]`` row keys: ``fold_in(key_b, j)`` for the j-th return
+    sequence of prompt b (traced inside the programs)."""
+    fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+    per_prompt = jax.vmap(lambda k: fold(k, jnp.arange(repeats)))(keys)  # [batch, repeats, ...]
+    return per_prompt.reshape(-1, *per_prompt.shape[2:])
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """What :func:`~gpt2_jax.generation.generate` returns (host numpy arrays).
+
+    Attributes:
+        sequences: ``[batch * num_return_sequences, prompt_width + steps]`` int32: each prompt left-padded with
+            the pad id to the longest prompt, then the generated tokens (pad after a row has finished). Rows of
+            the same prompt are adjacent, as in Hugging Face.
+        prompt_width: columns of ``sequences`` that hold the prompt.
+        num_new_tokens: ``[rows]`` tokens each row generated, its eos included.
+        logprobs: ``[rows, steps]`` float32 log-probability of each generated token under the processed
+            distribution (``return_logprobs=True``; 0 after a row finished), else None.
+        sequences_scores: ``[rows]`` beam scores (length-penalised sum of log-probs) for beam search, else None.
+    """
+
+    sequences: np.ndarray
+    prompt_width: int
+    num_new_tokens: np.ndarray
+    logprobs: np.ndarray | None = None
+    sequences_scores: np.ndarray | None = None
+
+    def new_tokens(self) -> list[list[int]]:
+        """Each row's generated tokens, without the padding after it finished."""
+        return [
+            row[self.prompt_width : self.prompt_width + int(n)].tolist()
+            for row, n in zip(self.sequences, self.num_new_tokens)
+        ]

@@ -1,0 +1,247 @@
+"""Greedy decoding and sampling in one compiled program: prefill, then a ``lax.while_loop`` over decode steps.
+
+The loop state is a pytree (:class:`SamplingState`). Each iteration feeds the previous token, processes the
+logits (repetition penalty, no-repeat n-gram, min-new-tokens, then temperature / top-k / top-p when sampling),
+picks the next token (argmax, or a categorical draw with the row's key, split every step), and stops early when
+every row has produced an eos id. The budget ``max_new_tokens`` and every knob are traced, so one program serves
+every request of the same bucket (see :mod:`gpt2_jax.generation.engine`).
+
+Randomness: row ``r`` of the output (prompt ``b``, return sequence ``j``) draws from
+``fold_in(prompt_key_b, j)``, split each step, where ``prompt_key_b = fold_in(key, b)`` for a single key, or the
+``b``-th of ``[batch]`` keys. Passing one key per prompt makes each prompt's samples independent of what else is
+in the batch.
+
+Streaming (:mod:`gpt2_jax.generation.streaming`) runs :func:`start_state` and :func:`advance_state` (the same
+functions traced here) from a Python loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from ..config import GPT2Config
+from ..kv_cache import KVCache
+from . import processors
+from .config import GenerationConfig
+from .engine import count_trace, forward, init_cache, repeat_cache
+from .request import GenerationOutput, Request, build_request, prompt_keys, row_keys
+
+
+@struct.dataclass
+class SamplingState:
+    """The ``while_loop`` carry of the sampler.
+
+    Attributes:
+        step: ``[]`` int32, tokens generated so far.
+        tokens: ``[rows, bucket + cap]`` int32: the left-padded prompt, then the generated tokens.
+        start: ``[rows]`` int32, the first real slot of each row (for the n-gram ban).
+        cache: the KV cache (``rows`` rows, ``bucket + cap`` slots).
+        done: ``[rows]`` bool, the row has produced an eos id.
+        num_new_tokens: ``[rows]`` int32, tokens generated before finishing (eos included).
+        keys: ``[rows]`` PRNG keys, split every step.
+        seen: ``[rows, vocab]`` bool, ids present in the row (repetition penalty).
+        logprobs: ``[rows, cap]`` float32 log-probs of the picked tokens, or None.
+    """
+
+    step: jax.Array
+    tokens: jax.Array
+    start: jax.Array
+    cache: KVCache
+    done: jax.Array
+    num_new_tokens: jax.Array
+    keys: jax.Array
+    seen: jax.Array
+    logprobs: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """The static (compile-time) part of a sampling request; hashable, a ``jit`` static argument."""
+
+    model_config: GPT2Config
+    dtype: str
+    bucket: int
+    cap: int
+    num_return_sequences: int
+    do_sample: bool
+    no_repeat_ngram_size: int
+    return_logprobs: bool
+
+    @classmethod
+    def from_request(cls, request: Request) -> "SamplerSpec":
+        c = request.config
+        return cls(
+            request.model_config, request.dtype, request.prompts.bucket, request.cap, c.num_return_sequences,
+            c.do_sample, c.no_repeat_ngram_size, c.return_logprobs,
+        )
+
+
+def eos_mask(eos_ids: jax.Array, vocab_size: int) -> jax.Array:
+    """``[vocab]`` bool, True at the eos ids."""
+    return jnp.zeros((vocab_size,), bool).at[eos_ids].set(True)
+
+
+def select_next(state: SamplingState, logits: jax.Array, knobs: dict, spec: SamplerSpec) -> SamplingState:
+    """Process ``logits [rows, vocab]``, pick each row's next token and write it at slot ``bucket + step``."""
+    vocab = logits.shape[-1]
+    end = spec.bucket + state.step  # one past the last written slot
+    banned = None
+    if spec.no_repeat_ngram_size:
+        banned = processors.no_repeat_ngram_banned(state.tokens, state.start, end, spec.no_repeat_ngram_size, vocab)
+    stop_ids = eos_mask(knobs["eos_ids"], vocab)
+    processed = processors.process_logits(
+        logits, seen=state.seen, penalty=knobs["repetition_penalty"], banned=banned, eos_mask=stop_ids,
+        suppress_eos=state.step < knobs["min_new_tokens"], do_sample=spec.do_sample, temp=knobs["temperature"],
+        top_k=knobs["top_k"], top_p=knobs["top_p"],
+    )  # [rows, vocab]
+    keys = state.keys
+    if spec.do_sample:
+        pairs = jax.vmap(jax.random.split)(keys)  # [rows, 2, ...]
+        keys, draw = pairs[:, 0], pairs[:, 1]
+        token = jax.vmap(jax.random.categorical)(draw, processed)
+    else:
+        token = jnp.argmax(processed, axis=-1)
+    token = jnp.where(state.done, knobs["pad_id"], token.astype(jnp.int32))  # [rows]
+    rows = jnp.arange(token.shape[0])
+    logprobs = state.logprobs
+    if logprobs is not None:
+        picked = jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), token[:, None], axis=-1)[:, 0]
+        logprobs = jax.lax.dynamic_update_slice_in_dim(
+            logprobs, jnp.where(state.done, 0.0, picked)[:, None], state.step, axis=1
+        )
+    return state.replace(
+        step=state.step + 1,
+        tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], end, axis=1),
+        done=state.done | stop_ids[token],
+        num_new_tokens=state.num_new_tokens + (~state.done).astype(jnp.int32),
+        keys=keys,
+        seen=state.seen.at[rows, token].set(True),
+        logprobs=logprobs,
+    )
+
+
+def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: SamplerSpec) -> SamplingState:
+    """Prefill the prompts and pick the first token.
+
+    Args:
+        params: model params.
+        input_ids: ``[batch, bucket]`` left-padded prompts; attention_mask: the same shape.
+        keys: ``[batch]`` prompt keys.
+        knobs: traced knobs (:func:`~gpt2_jax.generation.request.make_knobs`).
+        spec: the static part.
+    """
+    cfg, n = spec.model_config, spec.num_return_sequences
+    batch = input_ids.shape[0]
+    cache = init_cache(cfg, batch, spec.bucket + spec.cap, jnp.dtype(spec.dtype))
+    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype)  # prefill once per prompt
+    if n > 1:  # the return sequences of a prompt share its prefill
+        cache = repeat_cache(cache, n)
+        logits, input_ids, attention_mask = (jnp.repeat(x, n, axis=0) for x in (logits, input_ids, attention_mask))
+    rows = batch * n
+    tokens = jnp.full((rows, spec.bucket + spec.cap), knobs["pad_id"], jnp.int32)
+    tokens = tokens.at[:, : spec.bucket].set(input_ids)
+    real = attention_mask.astype(bool)
+    state = SamplingState(
+        step=jnp.zeros((), jnp.int32),
+        tokens=tokens,
+        start=spec.bucket - real.sum(axis=1, dtype=jnp.int32),
+        cache=cache,
+        done=jnp.zeros((rows,), bool),
+        num_new_tokens=jnp.zeros((rows,), jnp.int32),
+        keys=row_keys(keys, n),
+        seen=processors.seen_mask(input_ids, real, cfg.vocab_size),
+        logprobs=jnp.zeros((rows, spec.cap), jnp.float32) if spec.return_logprobs else None,
+    )
+    return select_next(state, logits, knobs, spec)
+
+
+def advance_state(params, state: SamplingState, knobs: dict, spec: SamplerSpec) -> SamplingState:
+    """Feed the last token of every row through the model and pick the next one."""
+    last = jax.lax.dynamic_slice_in_dim(state.tokens, spec.bucket + state.step - 1, 1, axis=1)  # [rows, 1]
+    logits, cache = forward(params, last, None, state.cache, spec.model_config, spec.dtype)
+    return select_next(state.replace(cache=cache), logits, knobs, spec)
+
+
+def keep_going(state: SamplingState, knobs: dict) -> jax.Array:
+    """The loop condition: budget left and some row not finished."""
+    return (state.step < knobs["max_new_tokens"]) & ~jnp.all(state.done)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _sample_program(params, input_ids, attention_mask, keys, knobs, *, spec: SamplerSpec):
+    count_trace("sample")
+    state = start_state(params, input_ids, attention_mask, keys, knobs, spec)
+    state = jax.lax.while_loop(
+        lambda s: keep_going(s, knobs), lambda s: advance_state(params, s, knobs, spec), state
+    )
+    return state.tokens, state.step, state.num_new_tokens, state.logprobs
+
+
+def run_request(params, request: Request, key) -> GenerationOutput:
+    """Run a checked greedy / sampling request (``num_beams == 1``)."""
+    spec = SamplerSpec.from_request(request)
+    prompts = request.prompts
+    keys = prompt_keys(key, request.batch_size)
+    tokens, steps, counts, logprobs = _sample_program(
+        params, jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask), keys, request.knobs, spec=spec
+    )
+    steps = int(steps)
+    tokens = np.asarray(tokens)
+    return GenerationOutput(
+        sequences=tokens[:, prompts.bucket - prompts.width : prompts.bucket + steps],
+        prompt_width=prompts.width,
+        num_new_tokens=np.asarray(counts),
+        logprobs=None if logprobs is None else np.asarray(logprobs)[:, :steps],
+    )
+
+
+def generate(
+    params,
+    input_ids,
+    attention_mask=None,
+    key=None,
+    config: GenerationConfig | None = None,
+    *,
+    model_config: GPT2Config,
+    dtype: Any = None,
+    **overrides: Any,
+) -> GenerationOutput:
+    """Generate continuations of a batch of prompts: greedy, sampling or beam search, compiled once per bucket.
+
+    Args:
+        params: GPT-2 params (``init_params`` / ``from_pretrained``).
+        input_ids: ``[batch, seq]`` or ``[seq]`` int ids, or a list of token lists (ragged). Rows may be padded
+            on either side when ``attention_mask`` is given; an empty prompt starts from the bos id
+            (``<|endoftext|>`` for GPT-2).
+        attention_mask: ``[batch, seq]``, 1 for real tokens.
+        key: a ``jax.random`` key (or one per prompt); required when ``do_sample``.
+        config: a :class:`GenerationConfig` (default: greedy, 20 new tokens).
+        model_config: the model's :class:`GPT2Config`.
+        dtype: compute dtype (default: the params' dtype).
+        **overrides: :class:`GenerationConfig` fields replacing those of ``config``.
+
+    Returns:
+        A :class:`~gpt2_jax.generation.request.GenerationOutput`.
+
+    Raises:
+        ValueError: bad knobs, ids outside the vocabulary, prompt + ``max_new_tokens`` beyond ``n_positions``,
+            sampling without a key; all raised before anything is compiled.
+    """
+    request = build_request(params, model_config, input_ids, attention_mask, config, dtype, **overrides)
+    cfg = request.config
+    if cfg.do_sample and key is None:
+        raise ValueError("sampling (do_sample=True) needs a key: pass key=jax.random.key(seed)")
+    if key is None:
+        key = jax.random.PRNGKey(0)
+    if cfg.num_beams > 1:
+        from .beam_search import run_beam_request
+
+        return run_beam_request(params, request, key)
+    return run_request(params, request, key)
