@@ -1,0 +1,230 @@
+"""Optimizer and train step: torch AdamW parity, gradient parity, mask, schedule, accumulation, non-finite policy.
+
+Tolerances: gradients rtol 2e-4 / atol 1e-6 (float32 backprop through the same maths in another order); params
+after AdamW steps atol 2e-6 / rtol 1e-5 (the update is lr * m / (sqrt(v) + eps) ~ lr = 1e-3 per element, so a
+float32 difference in the gradients moves params by ~1e-9; the bound leaves room for elements whose gradient is
+tiny relative to eps).
+
+One exception: the *key* third of ``c_attn``'s bias has an exactly zero gradient in exact arithmetic (adding the
+same vector to every key shifts all of a query's scores by one constant, which softmax ignores). Both frameworks
+return float32 round-off (~1e-9) there, and Adam normalises that noise to updates of up to ~lr, which differ between
+frameworks; those elements are compared with atol = lr * steps (and their gradients with the strict bound).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from gpt2_jax.checkpoints.hf_mapping import params_to_state_dict, state_dict_to_params
+from gpt2_jax.config import GPT2Config
+from gpt2_jax.model import init_params
+from gpt2_jax.training.optim import OptimizerConfig, decay_mask, make_optimizer, make_schedule
+from gpt2_jax.training.step import TrainState, make_loss_fn, make_train_step
+from hf_reference import hf_model
+
+CONFIG = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+
+
+def random_params(seed=0, config=CONFIG):
+    """Init params with every leaf perturbed (biases and norms too, so each param's update is non-trivial)."""
+    params = init_params(jax.random.PRNGKey(seed), config)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def batch(seed=0, rows=4, length=17, vocab=CONFIG.vocab_size):
+    return np.random.default_rng(seed).integers(0, vocab, size=(rows, length), dtype=np.int32)
+
+
+def torch_loss(model, tokens):
+    logits = model(input_ids=torch.from_numpy(tokens[:, :-1]).long()).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             torch.from_numpy(tokens[:, 1:]).long().reshape(-1))
+
+
+def torch_params(model):
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    return state_dict_to_params(state, CONFIG)
+
+
+def torch_optimizer(model, params, cfg: OptimizerConfig):
+    """torch AdamW with param groups built from the same decay mask."""
+    decay = params_to_state_dict(decay_mask(params), convert=lambda x: x)
+    named = dict(model.named_parameters())  # lm_head.weight is tied to transformer.wte.weight: listed once
+    assert set(named) == set(decay), set(named) ^ set(decay)
+    groups = [
+        {"params": [p for n, p in named.items() if decay[n]], "weight_decay": cfg.weight_decay},
+        {"params": [p for n, p in named.items() if not decay[n]], "weight_decay": 0.0},
+    ]
+    assert groups[0]["params"] and groups[1]["params"]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.b1, cfg.b2), eps=cfg.eps)
+
+
+def assert_trees_close(ours, theirs, rtol, atol, key_bias_atol=None):
+    """Leaf-wise allclose; with ``key_bias_atol`` the key slice of each c_attn bias gets that looser bound."""
+    flat_ours = jax.tree_util.tree_flatten_with_path(ours)[0]
+    flat_theirs = dict((jax.tree_util.keystr(k), v) for k, v in jax.tree_util.tree_flatten_with_path(theirs)[0])
+    assert len(flat_ours) == len(flat_theirs)
+    for key, value in flat_ours:
+        name = jax.tree_util.keystr(key)
+        a, b = np.asarray(value), np.asarray(flat_theirs[name])
+        if key_bias_atol is not None and name.endswith("['c_attn']['bias']"):
+            keys = slice(CONFIG.n_embd, 2 * CONFIG.n_embd)
+            np.testing.assert_allclose(a[keys], b[keys], rtol=0, atol=key_bias_atol, err_msg=name + " (keys)")
+            a, b = np.delete(a, np.r_[keys]), np.delete(b, np.r_[keys])
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=name)
+
+
+def test_decay_mask_is_kernels_only():
+    mask = decay_mask(init_params(jax.random.PRNGKey(0), CONFIG))
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    decayed = sorted(k for k, v in flat.items() if v)
+    assert decayed == sorted(f"['h']['{i}']['{m}']['{l}']['kernel']" for i in range(CONFIG.n_layer)
+                             for m, l in [("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")])
+    for name in ("['wte']['embedding']", "['wpe']['embedding']", "['ln_f']['scale']", "['h']['0']['ln_1']['bias']",
+                 "['h']['0']['attn']['c_attn']['bias']"):
+        assert flat[name] is False
+
+
+def test_schedule_warmup_cosine_floor():
+    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    lr = make_schedule(cfg)
+    np.testing.assert_allclose([float(lr(s)) for s in (0, 5, 10)], [0.0, 0.5, 1.0], atol=1e-7)
+    np.testing.assert_allclose(float(lr(60)), 0.1 + 0.9 * 0.5, atol=1e-6)  # half-way through the cosine
+    np.testing.assert_allclose([float(lr(110)), float(lr(500))], [0.1, 0.1], atol=1e-7)
+    assert all(float(lr(s)) >= float(lr(s + 1)) for s in range(10, 120))
+    # all-warmup configuration still gives a valid schedule
+    assert float(make_schedule(OptimizerConfig(learning_rate=2.0, warmup_steps=5, total_steps=5))(5)) == 2.0
+
+
+def test_bad_optimizer_config():
+    with pytest.raises(ValueError, match="grad_clip"):
+        OptimizerConfig(grad_clip=0.0)
+    with pytest.raises(ValueError, match="total_steps"):
+        OptimizerConfig(total_steps=0)
+
+
+def test_gradients_match_pytorch():
+    params = random_params()
+    tokens = batch()
+    loss, grads = jax.value_and_grad(make_loss_fn(CONFIG, dropout=False))(params, jnp.asarray(tokens), None)
+    model = hf_model(params, CONFIG)
+    ref = torch_loss(model, tokens)
+    ref.backward()
+    np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-6)
+    ref_grads = state_dict_to_params({n: p.grad.numpy() for n, p in model.named_parameters()}, CONFIG)
+    assert_trees_close(grads, ref_grads, rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_clip", [None, 0.05], ids=["no-clip", "clip"])
+def test_adamw_steps_match_torch(grad_clip):
+    """Three steps (warmup 0 -> lr/2 -> lr, so lr=0 is covered too) from the same weights and batches."""
+    cfg = OptimizerConfig(learning_rate=1e-3, warmup_steps=2, total_steps=10, b1=0.9, b2=0.95, eps=1e-8,
+                          weight_decay=0.1, grad_clip=grad_clip)
+    params = random_params()
+    optimizer, schedule = make_optimizer(cfg)
+    step = make_train_step(CONFIG, optimizer, schedule, dropout=False, donate=False)
+    state = TrainState.create(params, optimizer)
+
+    model = hf_model(params, CONFIG).train()  # dropout rates are 0
+    torch_opt = torch_optimizer(model, params, cfg)
+    for i in range(3):
+        tokens = batch(seed=i)
+        state, metrics = step(state, jnp.asarray(tokens), jax.random.PRNGKey(i))
+        for group in torch_opt.param_groups:
+            group["lr"] = float(schedule(i))
+        torch_opt.zero_grad()
+        loss = torch_loss(model, tokens)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+        torch_opt.step()
+        np.testing.assert_allclose(float(metrics["loss"]), loss.item(), rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), norm.item(), rtol=1e-4)
+        np.testing.assert_allclose(float(metrics["lr"]), schedule(i), rtol=1e-6)
+        assert_trees_close(state.params, torch_params(model), rtol=1e-5, atol=2e-6,
+                           key_bias_atol=cfg.learning_rate * (i + 1))
+    if grad_clip:
+        assert float(metrics["grad_norm"]) > grad_clip  # clipping was active
+    assert int(state.step) == 3 and int(state.skipped) == 0
+    # the update really moved the params (by about lr per element, more than the tolerance)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(state.params),
+                                                                 jax.tree_util.tree_leaves(params)))
+    assert moved > 1e-3
+
+
+def test_gradient_accumulation_equals_full_batch():
+    params = random_params()
+    tokens = jnp.asarray(batch(rows=8))
+    optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0, learning_rate=1e-3))
+    results = []
+    for accum in (1, 2, 4):
+        step = make_train_step(CONFIG, optimizer, schedule, accum_steps=accum, dropout=False, donate=False)
+        state, metrics = step(TrainState.create(params, optimizer), tokens, jax.random.PRNGKey(0))
+        results.append((state, metrics))
+    for state, metrics in results[1:]:
+        np.testing.assert_allclose(float(metrics["loss"]), float(results[0][1]["loss"]), rtol=1e-6)
+        np.testing.assert_allclose(float(metrics["grad_norm"]), float(results[0][1]["grad_norm"]), rtol=1e-5)
+        assert_trees_close(state.params, results[0][0].params, rtol=1e-5, atol=2e-6, key_bias_atol=1e-3)
+    with pytest.raises(ValueError, match="divisible by accum_steps"):
+        make_train_step(CONFIG, optimizer, accum_steps=3, dropout=False)(
+            TrainState.create(params, optimizer), tokens, jax.random.PRNGKey(0))
+
+
+def test_non_finite_step_is_skipped_and_counted():
+    params = random_params()
+    tokens = batch()
+    poisoned = jax.tree_util.tree_map(lambda x: x, params)
+    poisoned["wte"]["embedding"] = params["wte"]["embedding"].at[int(tokens[0, 0])].set(jnp.nan)
+    optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0))
+    step = make_train_step(CONFIG, optimizer, schedule, dropout=False, donate=False)
+    state0 = TrainState.create(poisoned, optimizer)
+    state1, metrics = step(state0, jnp.asarray(tokens), jax.random.PRNGKey(0))
+    assert int(metrics["finite"]) == 0 and int(metrics["skipped"]) == 1
+    assert int(state1.step) == 1 and int(state1.skipped) == 1
+    for new, old in zip(jax.tree_util.tree_leaves(state1), jax.tree_util.tree_leaves(state0)):
+        if new.ndim:  # params and optimizer moments kept exactly (NaN where they were NaN)
+            np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+    # optimizer count unchanged: the schedule counts applied updates only
+    assert int(state1.opt_state[1][0].count) == 0
+    # a clean state continues normally and the count is kept
+    clean = state1.replace(params=params)
+    state2, metrics = step(clean, jnp.asarray(tokens), jax.random.PRNGKey(0))
+    assert int(metrics["finite"]) == 1 and int(state2.skipped) == 1 and int(state2.step) == 2
+
+
+def test_dropout_uses_the_key():
+    config = CONFIG.replace(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    params = random_params(config=config)
+    optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0))
+    step = make_train_step(config, optimizer, schedule, donate=False)
+    state = TrainState.create(params, optimizer)
+    tokens = jnp.asarray(batch())
+    loss = lambda key: float(step(state, tokens, key)[1]["loss"])
+    assert loss(jax.random.PRNGKey(1)) == loss(jax.random.PRNGKey(1))
+    assert loss(jax.random.PRNGKey(1)) != loss(jax.random.PRNGKey(2))
+    no_dropout = make_train_step(config, optimizer, schedule, dropout=False, donate=False)
+    assert float(no_dropout(state, tokens, jax.random.PRNGKey(1))[1]["loss"]) == \
+        float(no_dropout(state, tokens, jax.random.PRNGKey(2))[1]["loss"])
+
+
+def test_bfloat16_compute_keeps_float32_master_params():
+    params = random_params()
+    tokens = jnp.asarray(batch())
+    optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0))
+    step32 = make_train_step(CONFIG, optimizer, schedule, dropout=False, donate=False)
+    step16 = make_train_step(CONFIG, optimizer, schedule, compute_dtype=jnp.bfloat16, dropout=False, donate=False)
+    state = TrainState.create(params, optimizer)
+    s32, m32 = step32(state, tokens, jax.random.PRNGKey(0))
+    s16, m16 = step16(state, tokens, jax.random.PRNGKey(0))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(s16.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree_util.tree_leaves(s16.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    assert m16["loss"].dtype == jnp.float32
+    np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=2e-2)
+    np.testing.assert_allclose(float(m16["grad_norm"]), float(m32["grad_norm"]), rtol=5e-2)
