@@ -12,6 +12,7 @@ import sys
 
 # subcommand -> module with register(subparsers)
 COMMANDS = {
+    "generate": "gpt2_jax.generation.cli",
     "convert": "gpt2_jax.checkpoints.cli",
     "train": "gpt2_jax.training.cli",
     "eval": "gpt2_jax.training.eval_cli",

@@ -1,2 +1,58 @@
 """Generation: compiled prefill / decode over a static KV cache, a ``while_loop`` sampler, beam search,
-streaming, a text API and the ``gpt2-jax generate`` command."""
+streaming, a text API and the ``gpt2-jax generate`` command.
+
+Entry points::
+
+    from gpt2_jax.generation import GenerationConfig, generate, stream, generate_text
+
+    out = generate(params, input_ids, attention_mask, key, GenerationConfig(max_new_tokens=20), model_config=cfg)
+    out.sequences            # [rows, prompt_width + steps]
+"""
+
+from .beam_search import reorder_generated
+from .config import GenerationConfig
+from .engine import (
+    TRACE_COUNTS,
+    decode_step,
+    init_cache,
+    new_token_cap,
+    prefill,
+    prompt_bucket,
+)
+from .processors import (
+    no_repeat_ngram_banned,
+    process_logits,
+    repetition_penalty,
+    temperature,
+    top_k_filter,
+    top_k_top_p_filter,
+    top_p_filter,
+)
+from .request import GenerationOutput
+from .sampler import generate
+from .streaming import StreamStep, stream
+from .text import generate_text, stream_text
+
+__all__ = [
+    "GenerationConfig",
+    "GenerationOutput",
+    "StreamStep",
+    "TRACE_COUNTS",
+    "decode_step",
+    "generate",
+    "generate_text",
+    "init_cache",
+    "new_token_cap",
+    "no_repeat_ngram_banned",
+    "prefill",
+    "process_logits",
+    "prompt_bucket",
+    "reorder_generated",
+    "repetition_penalty",
+    "stream",
+    "stream_text",
+    "temperature",
+    "top_k_filter",
+    "top_k_top_p_filter",
+    "top_p_filter",
+]

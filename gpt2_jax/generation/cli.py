@@ -1,0 +1,135 @@
+"""``gpt2-jax generate``: generate text from the command line.
+
+Example::
+
+    gpt2-jax generate "The theory of relativity is" --max-new-tokens 40 --seed 1
+    gpt2-jax generate "Hello" --model ./my-gpt2 --greedy --stream
+    gpt2-jax generate "Once upon a time" --num-beams 4 --num-return-sequences 2 --no-repeat-ngram-size 3
+
+JAX's persistent compilation cache is enabled (``~/.cache/gpt2-jax/jax``, or ``$GPT2_JAX_COMPILATION_CACHE``;
+set it to ``off`` to disable), so the second run of the same shapes skips compilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+CACHE_ENV = "GPT2_JAX_COMPILATION_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/gpt2-jax/jax`` (``~/.cache/gpt2-jax/jax``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gpt2-jax" / "jax"
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
+    """Turn on JAX's persistent compilation cache (every program, however fast it compiled).
+
+    Args:
+        directory: where to keep it; default ``$GPT2_JAX_COMPILATION_CACHE`` or :func:`default_cache_dir`.
+            ``off`` (or ``0``, ``none``, empty) disables it.
+
+    Returns:
+        The directory used, or None when disabled.
+    """
+    import jax
+
+    value = os.fspath(directory) if directory is not None else os.environ.get(CACHE_ENV)
+    if value is not None and value.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    path = Path(value).expanduser() if value else default_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.fspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
+
+
+def register(subparsers) -> None:
+    """Add the ``generate`` subcommand."""
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text with a GPT-2 checkpoint. Samples (temperature / top-k / top-p) by default; "
+        "--greedy for greedy decoding, --num-beams N for beam search.",
+    )
+    p.add_argument("prompt", help='the prompt ("" starts from <|endoftext|>)')
+    p.add_argument("--model", default="gpt2", help="hub id or local checkpoint directory (default: gpt2)")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default: 50)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="no <|endoftext|> before this many tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default: 1.0)")
+    p.add_argument("--top-k", type=int, default=50, help="keep the k most likely tokens, 0 = off (default: 50)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: 1.0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty > 0, 1.0 = off")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="forbid repeating n-grams of this size")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: 1)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default: 1.0)")
+    p.add_argument("--num-return-sequences", type=int, default=1, help="sequences to return (default: 1)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (no sampling)")
+    mode.add_argument("--do-sample", action="store_true", help="sample (the default without beams; with "
+                      "--num-beams, beam sampling)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="params and compute dtype (default: float32)")
+    p.add_argument("--timings", action="store_true", help="print load / generation times to stderr")
+    p.set_defaults(func=run)
+
+
+def _generation_config(args):
+    from .config import GenerationConfig
+
+    do_sample = args.do_sample or (args.num_beams == 1 and not args.greedy)
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, do_sample=do_sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+        num_beams=args.num_beams, length_penalty=args.length_penalty,
+        num_return_sequences=args.num_return_sequences,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``gpt2-jax generate``; returns the exit code."""
+    config = _generation_config(args)  # bad knobs fail here, before loading anything
+    if args.stream and (config.num_beams > 1 or config.num_return_sequences > 1):
+        raise ValueError("--stream works with one sequence and no beam search")
+    enable_compilation_cache()
+
+    import jax
+
+    from ..checkpoints.pretrained import from_pretrained
+    from .text import generate_text, stream_text
+
+    t0 = time.perf_counter()
+    model = from_pretrained(args.model, dtype=args.dtype)
+    t1 = time.perf_counter()
+    key = jax.random.key(args.seed)
+    if args.stream:
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
+        first = None
+        for piece in stream_text(args.prompt, model, config, key=key):
+            first = first if first is not None else time.perf_counter()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        texts = generate_text(args.prompt, model, config, key=key, return_full_text=True)
+        texts = [texts] if isinstance(texts, str) else texts
+        for i, text in enumerate(texts):
+            if len(texts) > 1:
+                print(f"=== {i + 1} ===")
+            print(text)
+        first = None
+    t2 = time.perf_counter()
+    if args.timings:
+        extra = f", first piece after {first - t1:.2f} s" if first is not None else ""
+        print(f"[load {t1 - t0:.2f} s ({model.source}), generate {t2 - t1:.2f} s{extra}]", file=sys.stderr)
+    return 0
