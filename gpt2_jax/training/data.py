@@ -39,14 +39,16 @@ def _safe_cuts(text: str, every: int) -> Iterator[str]:
     """Split ``text`` into pieces of about ``every`` characters whose separate BPE encodings concatenate to the
     encoding of the whole.
 
-    A piece ends right after a ``\\n`` followed by a non-whitespace character: GPT-2's pre-tokeniser never joins
-    a newline with a following non-space character (only a literal space prefixes words/punctuation), and a
-    whitespace run cannot reach past a non-whitespace character, so no pre-token straddles such a cut.
+    A piece ends at a lone ``\\n`` between two non-whitespace characters (``x\\n|y``): GPT-2's pre-tokeniser never
+    joins a newline with a following non-space character (only a literal space prefixes words/punctuation), and
+    the one-character whitespace run ``\\n`` is its own pre-token on both sides of the cut. (After a longer run such
+    as ``\\n\\n`` a cut is *not* safe: ``\\s+(?!\\S)`` leaves the run's last character to the next pre-token.)
     """
     start = 0
     while len(text) - start > every:
-        cut = start + every
-        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+        cut = max(start + every, start + 2)
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()
+                                       and not text[cut - 2].isspace()):
             cut += 1
         if cut >= len(text):
             break
