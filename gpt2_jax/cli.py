@@ -16,6 +16,11 @@ COMMANDS = {
     "convert": "gpt2_jax.checkpoints.cli",
     "train": "gpt2_jax.training.cli",
     "eval": "gpt2_jax.training.eval_cli",
+    "next": "gpt2_jax.inspect.next_token",
+    "lens": "gpt2_jax.inspect.lens",
+    "attention": "gpt2_jax.inspect.attention_view",
+    "info": "gpt2_jax.inspect.info",
+    "bench": "gpt2_jax.inspect.bench",
 }
 
 
