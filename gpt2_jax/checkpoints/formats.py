@@ -106,9 +106,10 @@ def to_device(dtype: np.dtype | None) -> Callable[[np.ndarray], jnp.ndarray]:
         source = array
         array = np.asarray(array)
         if dtype is not None and is_floating(array.dtype) and array.dtype != dtype:
-            out = jnp.asarray(array.astype(dtype))
-        else:
-            out = jnp.array(array, copy=True)  # a copy: never alias the mapped file or a caller's buffer
+            array = array.astype(dtype)  # [same shape], a transient host copy of one tensor
+        out = jnp.asarray(array)  # one copy into a jax buffer; jnp.asarray never aliases host memory
+        if out is array or getattr(out, "unsafe_buffer_pointer", lambda: None)() == array.ctypes.data:
+            out = jnp.array(array, copy=True)  # defensive: a jax that aliased would tie params to the file
         release_pages(source)
         return out
 

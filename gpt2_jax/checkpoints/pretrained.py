@@ -85,9 +85,14 @@ def load_tokenizer(directory: str | os.PathLike) -> GPT2Tokenizer:
 
 
 def read_config(directory: str | os.PathLike) -> GPT2Config:
-    """``config.json`` of a Hugging Face directory as a :class:`GPT2Config`; refuses other model types."""
+    """The architecture of a checkpoint directory: its ``config.json`` (refusing other model types), or for an
+    OpenAI TensorFlow directory its ``hparams.json``."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
+        from .openai_tf import is_openai_tf_checkpoint, read_openai_hparams
+
+        if is_openai_tf_checkpoint(directory):
+            return GPT2Config.from_hf_dict(read_openai_hparams(directory))
         raise CheckpointError(f"{directory} has weights but no {CONFIG_NAME} describing the architecture")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
