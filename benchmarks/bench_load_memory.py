@@ -13,6 +13,11 @@ Usage::
 
 Needs free disk for the file (checked first) and about 2x its size in RAM while writing it. Not a test: it takes
 a minute and several GB of memory.
+
+Measured on the 2-core CPU development machine (glibc malloc, jax 0.10): gpt2-large, float32, 3.096 GB file ->
+peak RSS 3.82-3.87 GB = 1.23-1.25x the file (0.21 GB of it is python + jax before loading). The rest above one
+copy is glibc's heap keeping freed chunks (``MALLOC_MMAP_THRESHOLD_=1048576`` brings it to 1.17x). Without
+releasing the mapped pages (``--no-release``) gpt2 (124M) peaks at 2.52x instead of 1.79x.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from pathlib import Path
 # parent's RSS at fork time into a child's ru_maxrss across exec, so a big parent would inflate the figure.
 # VmHWM (the peak RSS of the child's own address space) is reported next to ru_maxrss as a cross-check.
 CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys, time, warnings
+warnings.simplefilter("ignore")                      # the random checkpoint has no tokenizer files: say nothing
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))

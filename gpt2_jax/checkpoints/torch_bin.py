@@ -7,7 +7,7 @@ the GPT-2 repositories on the hub, for instance) cannot be mapped and are read i
 
 PyTorch is not a dependency of this package: without it, reading a ``.bin`` raises a :class:`CheckpointError`
 saying how to proceed (install torch, or pick a safetensors copy: every GPT-2 repository on the hub ships
-``model.safetensors``, which :func:`gpt2_jax.checkpoints.from_pretrained` prefers anyway).
+``model.safetensors``, which :func:`gpt2_jax.checkpoints.pretrained.from_pretrained` prefers anyway).
 """
 
 from __future__ import annotations
