@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from .formats import LOAD_DTYPES
 
@@ -35,16 +36,19 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``gpt2-jax convert``; returns the exit code."""
     from .convert import convert_checkpoint
+    from .pretrained import TokenizerFallbackWarning
 
-    loaded = convert_checkpoint(
-        args.src,
-        args.dst,
-        dtype=args.dtype,
-        revision=args.revision,
-        overwrite=args.overwrite,
-        local_files_only=args.local_files_only,
-        progress=not args.quiet,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TokenizerFallbackWarning)  # printed below as a note instead
+        loaded = convert_checkpoint(
+            args.src,
+            args.dst,
+            dtype=args.dtype,
+            revision=args.revision,
+            overwrite=args.overwrite,
+            local_files_only=args.local_files_only,
+            progress=not args.quiet,
+        )
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
     import jax
