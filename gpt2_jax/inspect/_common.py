@@ -91,23 +91,27 @@ def token_labels(tokenizer: Any, ids: Any) -> list[str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_forward(config: GPT2Config, dtype_key: str, attentions: bool, hidden_states: bool):
+def _jitted_forward(config: GPT2Config, dtype_key: str, attentions: bool, hidden_states: bool, logits_to_keep: int):
     model = GPT2LMHeadModel(config, dtype=DTYPES[dtype_key])
 
     def forward(params, ids):
         return model.apply(
-            {"params": params}, ids, output_attentions=attentions, output_hidden_states=hidden_states
+            {"params": params}, ids, output_attentions=attentions, output_hidden_states=hidden_states,
+            logits_to_keep=logits_to_keep,
         )
 
     return jax.jit(forward)
 
 
 def forward(params: Any, config: GPT2Config, ids: np.ndarray, *, attentions: bool = False,
-            hidden_states: bool = False, dtype: Any = jnp.float32) -> CausalLMOutput:
-    """One jitted forward pass of ``GPT2LMHeadModel`` on ids ``[seq]`` (batch 1), computing in ``dtype``."""
+            hidden_states: bool = False, logits_to_keep: int = 0, dtype: Any = jnp.float32) -> CausalLMOutput:
+    """One jitted forward pass of ``GPT2LMHeadModel`` on ids ``[seq]`` (batch 1), computing in ``dtype``.
+
+    ``logits_to_keep`` > 0 computes the logits of the last positions only (``[1, logits_to_keep, vocab]``).
+    """
     ids = as_ids(ids, config)
-    fn = _jitted_forward(config, dtype_name(resolve_dtype(dtype)), attentions, hidden_states)
-    return fn(params, jnp.asarray(ids)[None, :])  # logits [1, seq, vocab]
+    fn = _jitted_forward(config, dtype_name(resolve_dtype(dtype)), attentions, hidden_states, int(logits_to_keep))
+    return fn(params, jnp.asarray(ids)[None, :])  # logits [1, seq or logits_to_keep, vocab]
 
 
 def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:

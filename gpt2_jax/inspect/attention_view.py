@@ -77,7 +77,7 @@ def attention_maps(params: Any, config: GPT2Config, ids: Any, dtype: Any = jnp.f
         an :class:`AttentionMaps` with ``attentions [n_layer, n_head, seq, seq]`` as float32 numpy.
     """
     ids = as_ids(ids, config)
-    out = forward(params, config, ids, attentions=True, dtype=dtype)
+    out = forward(params, config, ids, attentions=True, logits_to_keep=1, dtype=dtype)
     stacked = jnp.stack(out.attentions)[:, 0].astype(jnp.float32)  # [n_layer, n_head, seq, seq]
     return AttentionMaps(ids, np.asarray(stacked))
 

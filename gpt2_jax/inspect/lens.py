@@ -64,7 +64,7 @@ def _lens_fn(config: GPT2Config, dtype_key: str, top: int, return_logits: bool):
     model = GPT2LMHeadModel(config, dtype=DTYPES[dtype_key])
 
     def lens(params, ids):  # ids [1, seq]
-        out = model.apply({"params": params}, ids, output_hidden_states=True)
+        out = model.apply({"params": params}, ids, output_hidden_states=True, logits_to_keep=1)
         states = jnp.stack(out.hidden_states)[:, 0]  # [L + 1, seq, n_embd]
         # The model returns the last hidden state after ln_f (as Hugging Face does): apply ln_f to the others only.
         normed = jnp.arange(config.n_layer + 1) == config.n_layer  # [L + 1]
@@ -79,7 +79,7 @@ def _lens_fn(config: GPT2Config, dtype_key: str, top: int, return_logits: bool):
             kept = logits if return_logits else jnp.zeros((), jnp.float32)
             return top_ids, jnp.exp(top_logprobs), jnp.exp(target), kept
 
-        return jax.lax.map(one_layer, (states, normed)), out.logits[0]
+        return jax.lax.map(one_layer, (states, normed))  # stacked over the L + 1 layers
 
     return jax.jit(lens)
 
@@ -107,7 +107,7 @@ def logit_lens(params: Any, config: GPT2Config, ids: Any, top: int = 5, return_l
     if not isinstance(top, (int, np.integer)) or isinstance(top, bool) or not 1 <= top <= config.vocab_size:
         raise ValueError(f"top must be an integer in [1, vocab_size={config.vocab_size}], got {top!r}")
     fn = _lens_fn(config, dtype_name(resolve_dtype(dtype)), int(top), bool(return_logits))
-    (top_ids, top_probs, target_probs, logits), _ = fn(params, jnp.asarray(ids)[None, :])
+    top_ids, top_probs, target_probs, logits = fn(params, jnp.asarray(ids)[None, :])
     return LogitLens(
         input_ids=ids,
         top_ids=np.asarray(top_ids),

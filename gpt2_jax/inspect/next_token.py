@@ -38,7 +38,7 @@ def next_token_probs(params: Any, config: GPT2Config, ids: Any, dtype: Any = jnp
     Returns:
         float32 probabilities ``[vocab_size]`` summing to 1.
     """
-    logits = forward(params, config, ids, dtype=dtype).logits[0, -1]  # [vocab]
+    logits = forward(params, config, ids, logits_to_keep=1, dtype=dtype).logits[0, -1]  # [vocab]
     return np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
 
 
