@@ -1,0 +1,143 @@
+"""Sharding over 8 simulated CPU devices (in a subprocess: XLA_FLAGS must be set before JAX starts).
+
+Data-parallel (8x1), FSDP (2x4), tensor-parallel (2x4) and FSDP with gradient accumulation give the single-device
+losses and params to rtol 1e-5 / atol 1e-6 (the reductions run in another order); params and optimizer moments are
+really split (each device holds a quarter of a sharded kernel). The CLI trains on the mesh, checkpoints the
+sharded state, resumes it, and refuses a batch the data axes cannot split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(r"""
+    import json, os, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import PartitionSpec as P
+    from gpt2_jax.config import GPT2Config
+    from gpt2_jax.model import init_params
+    from gpt2_jax.training import (OptimizerConfig, TrainState, WindowLoader, batch_sharding, global_batch,
+                                   make_mesh, make_optimizer, make_train_step, state_shardings)
+
+    assert jax.device_count() == 8, jax.devices()
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    params = init_params(jax.random.PRNGKey(0), config)
+    tokens = np.random.default_rng(0).integers(0, 64, size=5000).astype(np.uint16)
+    loader = WindowLoader(tokens, batch_size=16, seq_len=16, seed=1)
+    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=3e-3, warmup_steps=1, total_steps=10))
+
+    def run(mesh, strategy, accum=1):
+        shape = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)
+        shardings = state_shardings(shape, optimizer, mesh, strategy)
+        state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings)(params)
+        b_sharding = batch_sharding(mesh, strategy)
+        step = make_train_step(config, optimizer, schedule, accum_steps=accum, dropout=False,
+                               state_sharding=shardings, batch_sharding=b_sharding)
+        losses = []
+        for i in range(4):
+            batch = global_batch(loader.batch(i), b_sharding, 16)
+            state, metrics = step(state, batch, jax.random.PRNGKey(i))
+            losses.append(float(metrics["loss"]))
+        return state, losses, batch
+
+    def info(x):
+        return {"spec": [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec],
+                "shard": list(x.addressable_shards[0].data.shape), "devices": len(x.sharding.device_set)}
+
+    out = {}
+    runs = {"single": (make_mesh(1, 1, jax.devices()[:1]), "fsdp", 1), "dp": (make_mesh(8, 1), "fsdp", 1),
+            "fsdp": (make_mesh(2, 4), "fsdp", 1), "tp": (make_mesh(2, 4), "tp", 1),
+            "fsdp_accum": (make_mesh(2, 4), "fsdp", 2)}
+    for name, (mesh, strategy, accum) in runs.items():
+        state, losses, batch = run(mesh, strategy, accum)
+        p = state.params["h"]["0"]
+        mu = state.opt_state[1][0].mu["h"]["0"]
+        out[name] = {
+            "losses": losses,
+            "params": {k: np.asarray(v).tolist() for k, v in
+                       [("c_fc", p["mlp"]["c_fc"]["kernel"]), ("c_proj", p["attn"]["c_proj"]["kernel"]),
+                        ("wte", state.params["wte"]["embedding"]), ("ln", p["ln_1"]["scale"])]},
+            "c_fc": info(p["mlp"]["c_fc"]["kernel"]), "c_proj": info(p["mlp"]["c_proj"]["kernel"]),
+            "wte": info(state.params["wte"]["embedding"]), "ln": info(p["ln_1"]["scale"]),
+            "mu_c_fc": info(mu["mlp"]["c_fc"]["kernel"]), "batch": info(batch),
+        }
+    json.dump(out, open(sys.argv[1], "w"))
+""")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mesh") / "out.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("name", ["dp", "fsdp", "tp", "fsdp_accum"])
+def test_mesh_runs_match_the_single_device_run(sharded_runs, name):
+    ref, run = sharded_runs["single"], sharded_runs[name]
+    np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5)
+    assert ref["losses"][-1] < ref["losses"][0]  # it trains
+    for key in ref["params"]:
+        np.testing.assert_allclose(np.array(run["params"][key]), np.array(ref["params"][key]), rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+
+
+def test_params_are_actually_sharded(sharded_runs):
+    fsdp, tp, dp = sharded_runs["fsdp"], sharded_runs["tp"], sharded_runs["dp"]
+    # FSDP: largest dimension over the 4-way "model" axis; vectors replicated; moments like their params
+    assert fsdp["c_fc"] == {"spec": [None, "model"], "shard": [32, 32], "devices": 8}
+    assert fsdp["c_proj"] == {"spec": ["model", None], "shard": [32, 32], "devices": 8}
+    assert fsdp["wte"] == {"spec": ["model", None], "shard": [16, 32], "devices": 8}
+    assert fsdp["mu_c_fc"] == fsdp["c_fc"]
+    assert fsdp["ln"]["spec"] == [] and fsdp["ln"]["shard"] == [32]
+    assert fsdp["batch"] == {"spec": [["data", "model"]], "shard": [2, 17], "devices": 8}  # 16 rows / 8 devices
+    # tensor parallel: c_fc column-wise, c_proj row-wise, embeddings along n_embd; batch over "data" only
+    assert tp["c_fc"]["spec"] == [None, "model"] and tp["c_proj"]["spec"] == ["model", None]
+    assert tp["wte"] == {"spec": [None, "model"], "shard": [64, 8], "devices": 8}
+    assert tp["batch"] == {"spec": ["data"], "shard": [8, 17], "devices": 8}
+    # data parallel: params whole on every device, batch split 8 ways
+    assert dp["c_fc"]["shard"] == [32, 128] and dp["batch"]["shard"] == [2, 17]
+
+
+CLI_SCRIPT = textwrap.dedent(r"""
+    import sys
+    import numpy as np
+    from gpt2_jax.cli import main
+    from gpt2_jax.training import read_metrics
+    data, out = sys.argv[1], sys.argv[2]
+    np.random.default_rng(0).integers(0, 64, size=3000).astype(np.uint16).tofile(data)
+    base = ["train", "--config-preset", "tiny", "--config", "vocab_size=64", "--config", "n_embd=32",
+            "--config", "n_layer=1", "--config", "n_head=4", "--config", "n_positions=16", "--data", data,
+            "--seq-len", "16", "--no-progress", "--no-plot", "--mesh-model", "4", "--save-every", "2"]
+    code = main(base + ["--out", out + "/bad", "--batch-size", "6"])
+    print("BAD", code, flush=True)
+    assert main(base + ["--out", out + "/run", "--batch-size", "8", "--steps", "3"]) == 0
+    assert main(["train", "--out", out + "/run", "--resume", "--steps", "5", "--no-progress"]) == 0
+    print("STEPS", [m["step"] for m in read_metrics(out + "/run/metrics.jsonl")], flush=True)
+""")
+
+
+def test_cli_on_a_mesh_resumes_and_checks_the_batch(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run([sys.executable, "-c", CLI_SCRIPT, str(tmp_path / "d.bin"), str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BAD 2" in proc.stdout
+    assert "batch size 6 is not divisible by the 8 batch shards of the mesh (data=2 x model=4)" in proc.stderr
+    assert "STEPS [1, 2, 3, 4, 5]" in proc.stdout
+    assert "from step 3" in proc.stderr
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
