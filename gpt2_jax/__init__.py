@@ -1,7 +1,9 @@
 """gpt2-jax: a pure-functional GPT-2 in JAX/Flax. The public API, re-exported."""
 
 from .checkpoints.hf_directory import load_hf_directory, save_hf_directory
-from .checkpoints.pretrained import Pretrained, from_pretrained
+from .checkpoints.convert import convert_checkpoint
+from .checkpoints.hub import CheckpointNotFoundError, HubUnavailableError
+from .checkpoints.pretrained import Pretrained, TokenizerFallbackWarning, from_pretrained, load_directory, read_config
 from .checkpoints.safetensors_io import CheckpointError
 from .config import GPT2Config
 from .kv_cache import KVCache

@@ -34,12 +34,14 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     """Yield a temporary directory beside ``path`` to fill; on success it takes ``path``'s place.
 
     An existing ``path`` is replaced only after the new directory is complete (when ``overwrite``); an error or
-    a kill leaves the old directory untouched and only a hidden ``.<name>.tmp-*`` directory behind at worst.
+    a kill leaves the old directory untouched and only a hidden ``.<name>.tmp-*`` directory behind at worst,
+    which the next write to the same ``path`` removes (one writer per destination is assumed).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
@@ -53,3 +55,11 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove hidden work directories a killed earlier write to ``path`` left beside it."""
+    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
+        for stale in path.parent.glob(pattern):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)

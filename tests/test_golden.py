@@ -29,12 +29,13 @@ def vectors():
 @pytest.fixture(scope="module")
 def released():
     """The real gpt2 weights if they are on this machine, else skip with the reason."""
+    from gpt2_jax.checkpoints.hub import CheckpointNotFoundError
     from gpt2_jax.checkpoints.pretrained import from_pretrained
 
     source = os.environ.get("GPT2_JAX_WEIGHTS") or "gpt2"
     try:
         return from_pretrained(source, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to find local weights means: skip
+    except CheckpointNotFoundError as e:  # not on disk; any other error is a real failure
         pytest.skip(f"real gpt2 weights are not available locally ({source!r}: {str(e).splitlines()[0]}); "
                     "set GPT2_JAX_WEIGHTS to a Hugging Face gpt2 directory to run this test")
 

@@ -186,3 +186,10 @@ def test_bad_model_inputs_raise_clear_errors():
         apply(np.ones((1, 3), np.int32), labels=np.array([[1, 2, 200]]))
     with pytest.raises(ValueError, match="head_mask must have shape"):
         apply(np.ones((1, 3), np.int32), head_mask=np.ones(3))
+
+
+def test_next_write_removes_work_directories_of_a_killed_write(tmp_path):
+    (tmp_path / ".m.tmp-abc123").mkdir()  # what a SIGKILL during save_hf_directory leaves behind
+    (tmp_path / ".m.tmp-abc123" / "model.safetensors").write_bytes(b"half")
+    save_hf_directory(tmp_path / "m", random_params(TINY), TINY)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
