@@ -133,6 +133,8 @@ class GPT2Config:
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
+        if data.get("model_type") not in (None, "gpt2"):
+            raise ValueError(f"the config describes a {data['model_type']!r} model, not GPT-2 (model_type 'gpt2')")
         field_names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():

@@ -94,3 +94,8 @@ def test_config_file_errors(tmp_path):
     bad.write_text(json.dumps({"n_embd": 10, "n_head": 3}))
     with pytest.raises(ValueError, match="bad.json.*n_embd"):
         GPT2Config.from_json_file(bad)
+
+
+def test_config_of_another_model_type_is_refused():
+    with pytest.raises(ValueError, match="'llama' model, not GPT-2"):
+        GPT2Config.from_hf_dict({"model_type": "llama", "n_embd": 64})
