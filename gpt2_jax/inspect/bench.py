@@ -171,6 +171,7 @@ def _bench_batch(params, config: GPT2Config, dtype: str, batch: int, prompt: int
     logits, cache = prefill(cache)
     first_prefill = time.perf_counter() - start
     jax.block_until_ready(argmax(logits))
+    del logits, cache  # hold one cache at a time
     prefill_s = _median_time(prefill, runs, fresh_cache)
 
     def first_token(cache):  # host ids in -> first tokens on the host
