@@ -99,6 +99,23 @@ def repeat_cache(cache: KVCache, repeats: int) -> KVCache:
     )
 
 
+def flatten_cache(cache: KVCache) -> KVCache:
+    """Keys/values ``[batch, n_head, S, head_dim]`` -> ``[batch * n_head, S, head_dim]`` (a free reshape).
+
+    Loops carry the cache in this form: it is the layout attention's batched matmuls read, so XLA updates the
+    carried buffers in place instead of copying them every step (see :func:`forward`).
+    """
+    flat = lambda x: x.reshape(-1, *x.shape[2:])
+    return cache.replace(keys=tuple(map(flat, cache.keys)), values=tuple(map(flat, cache.values)))
+
+
+def unflatten_cache(cache: KVCache) -> KVCache:
+    """Inverse of :func:`flatten_cache` (the batch size is read from ``cache.valid``)."""
+    batch = cache.valid.shape[0]
+    unflat = lambda x: x.reshape(batch, -1, *x.shape[1:])
+    return cache.replace(keys=tuple(map(unflat, cache.keys)), values=tuple(map(unflat, cache.values)))
+
+
 def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache, config: GPT2Config,
             dtype: str) -> tuple[jax.Array, KVCache]:
     """One cached forward pass returning the logits of the last position only.
@@ -225,11 +242,13 @@ def prepare_prompts(
     that is what it continues from, as in OpenAI's and Hugging Face's unconditional generation.
 
     Raises:
-        ValueError: ids outside ``[0, vocab_size)`` or a prompt plus ``max_new_tokens`` beyond ``n_positions``.
+        ValueError: ids (or the bos id of an empty prompt) outside ``[0, vocab_size)``, or a prompt plus ``max_new_tokens`` beyond ``n_positions``.
     """
     rows = _as_rows(input_ids, attention_mask)
     if bos_id is None and any(row.size == 0 for row in rows):
         raise ValueError("a prompt is empty and there is no bos_token_id (nor eos_token_id) to start from")
+    if any(row.size == 0 for row in rows) and not 0 <= bos_id < vocab_size:
+        raise ValueError(f"bos_token_id {bos_id} (the prompt of an empty prompt) is outside the vocabulary [0, {vocab_size})")
     rows = [row if row.size else np.asarray([bos_id], np.int64) for row in rows]
     for b, row in enumerate(rows):
         lo, hi = int(row.min()), int(row.max())
@@ -257,7 +276,7 @@ def resolve_special_ids(gen_eos: Sequence[int] | None, gen_pad: int | None, gen_
     """``(eos ids, pad id, bos id)`` from the generation config, falling back to the model config.
 
     Raises:
-        ValueError: an id outside the vocabulary.
+        ValueError: an eos or pad id outside the vocabulary (the pad id is fed to the model for padding).
     """
     if gen_eos is None:
         gen_eos = () if model_config.eos_token_id is None else (model_config.eos_token_id,)
@@ -268,8 +287,8 @@ def resolve_special_ids(gen_eos: Sequence[int] | None, gen_pad: int | None, gen_
     bos = gen_bos if gen_bos is not None else model_config.bos_token_id
     if bos is None:
         bos = eos[0] if eos else None
-    for name, ids in (("eos_token_id", eos), ("pad_token_id", (pad,)), ("bos_token_id", () if bos is None else (bos,))):
+    for name, ids in (("eos_token_id", eos), ("pad_token_id", (pad,))):
         for i in ids:
             if not 0 <= i < vocab_size:
                 raise ValueError(f"{name} {i} is outside the vocabulary [0, {vocab_size})")
-    return eos, int(pad), (None if bos is None else int(bos))
+    return eos, int(pad), (None if bos is None else int(bos))  # bos is checked where an empty prompt uses it

@@ -30,7 +30,7 @@ from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
 from .config import GenerationConfig
-from .engine import count_trace, forward, init_cache, repeat_cache
+from .engine import count_trace, flatten_cache, forward, init_cache, repeat_cache, unflatten_cache
 from .request import GenerationOutput, Request, build_request, prompt_keys, row_keys
 
 
@@ -152,7 +152,7 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
         step=jnp.zeros((), jnp.int32),
         tokens=tokens,
         start=spec.bucket - real.sum(axis=1, dtype=jnp.int32),
-        cache=cache,
+        cache=flatten_cache(cache),
         done=jnp.zeros((rows,), bool),
         num_new_tokens=jnp.zeros((rows,), jnp.int32),
         keys=row_keys(keys, n),
@@ -165,8 +165,8 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
 def advance_state(params, state: SamplingState, knobs: dict, spec: SamplerSpec) -> SamplingState:
     """Feed the last token of every row through the model and pick the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, spec.bucket + state.step - 1, 1, axis=1)  # [rows, 1]
-    logits, cache = forward(params, last, None, state.cache, spec.model_config, spec.dtype)
-    return select_next(state.replace(cache=cache), logits, knobs, spec)
+    logits, cache = forward(params, last, None, unflatten_cache(state.cache), spec.model_config, spec.dtype)
+    return select_next(state.replace(cache=flatten_cache(cache)), logits, knobs, spec)
 
 
 def keep_going(state: SamplingState, knobs: dict) -> jax.Array:
