@@ -74,17 +74,15 @@ class KVCache:
 def write_slots(cache_array: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """Write ``new`` ``[batch, n_head, T, head_dim]`` into slots ``[index, index + T)`` of a cache array.
 
-    The update runs on the ``[batch * n_head, S, head_dim]`` view, the layout attention's batched matmuls read:
-    XLA (CPU) then updates a loop-carried cache in place, where a 4-D update fed to the matmul through a reshape
-    was duplicated into two fusions, each copying the whole cache every decode step.
+    With one row the update runs on the ``[n_head, S, head_dim]`` view, the layout attention's batched matmul
+    reads then: XLA (CPU) updates a loop-carried cache in place, where a 4-D update read through a reshape was
+    duplicated into two fusions, each copying the whole cache every decode step. With several rows the matmul
+    reads the 4-D array, and so does the update.
     """
-    batch, heads, slots, dim = cache_array.shape
-    flat = jax.lax.dynamic_update_slice(
-        cache_array.reshape(batch * heads, slots, dim),
-        new.astype(cache_array.dtype).reshape(batch * heads, -1, dim),
-        (0, index, 0),
-    )
-    return flat.reshape(batch, heads, slots, dim)
+    new = new.astype(cache_array.dtype)
+    if cache_array.shape[0] == 1:
+        return jax.lax.dynamic_update_slice(cache_array[0], new[0], (0, index, 0))[None]
+    return jax.lax.dynamic_update_slice(cache_array, new, (0, 0, index, 0))
 
 
 def advance(cache: KVCache, keys, values, token_mask: jax.Array) -> KVCache:

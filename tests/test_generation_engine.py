@@ -22,7 +22,7 @@ from gpt2_jax.generation import (
     reorder_generated,
     stream,
 )
-from gpt2_jax.generation.engine import repeat_cache
+from gpt2_jax.generation.engine import repeat_cache, unflatten_cache
 from gpt2_jax.model import GPT2LMHeadModel, init_params
 from generation_helpers import BOS, PAD, TINY, frequent_token, left_pad, prompts, tiny_hf, tiny_params
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -39,16 +39,19 @@ def full_logits(ids, mask=None):
 
 
 # Cache invariants ------------------------------------------------------------------------------------------------
-def test_prefill_then_decode_steps_equal_one_full_forward():
-    ids = prompts(2, 12, seed=11)
-    expected = full_logits(ids)  # [2, 12, vocab]
-    cache = init_cache(TINY, 2, 16)
-    logits, cache = prefill(params(), ids[:, :5], np.ones((2, 5)), cache, config=TINY)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_prefill_then_decode_steps_equal_one_full_forward(batch):
+    ids = prompts(batch, 12, seed=11)
+    expected = full_logits(ids)  # [batch, 12, vocab]
+    cache = init_cache(TINY, batch, 16)
+    logits, cache = prefill(params(), ids[:, :5], np.ones((batch, 5)), cache, config=TINY)
     np.testing.assert_allclose(np.asarray(logits), expected[:, 4], rtol=1e-5, atol=1e-5)
     for t in range(5, 12):
         logits, cache = decode_step(params(), ids[:, t], cache, config=TINY)
         np.testing.assert_allclose(np.asarray(logits), expected[:, t], rtol=1e-5, atol=1e-5)
-    assert int(cache.index) == 12 and cache.next_position.tolist() == [12, 12]
+    assert int(cache.index) == 12 and cache.next_position.tolist() == [12] * batch
+    full = unflatten_cache(cache)  # the model's 4-D layout, whatever the batch
+    assert full.keys[0].shape == (batch, TINY.n_head, 16, TINY.head_dim)
 
 
 def test_padded_batch_rows_equal_rows_alone():
@@ -283,3 +286,24 @@ def test_decode_program_does_not_materialise_a_transposed_wte():
     text = hlo.compile().as_text()
     assert "f32[64,50257]" not in text  # no transposed copy of the [vocab, n_embd] embedding
     assert "f32[50257,64]" in text  # the embedding itself is used in place
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_compiled_programs_update_the_cache_in_place(batch):
+    """Neither the sampling loop nor the donated decode step copies a whole cache array per step."""
+    from gpt2_jax.generation.engine import _decode_step
+    from gpt2_jax.generation.request import build_request, prompt_keys
+    from gpt2_jax.generation.sampler import SamplerSpec, _sample_program
+
+    cache_shape = f"{TINY.n_head},48,{TINY.head_dim}]"  # 16 prompt slots + 32 new-token slots
+    request = build_request(params(), TINY, prompts(batch, 5), max_new_tokens=20)
+    spec = SamplerSpec.from_request(request)
+    args = (params(), jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
+            prompt_keys(jax.random.key(0), batch), request.knobs)
+    loop = _sample_program.lower(*args, spec=spec).compile().as_text()
+    step = _decode_step.lower(params(), jnp.zeros((batch,), jnp.int32), init_cache(TINY, batch, 48), config=TINY,
+                              dtype="float32").compile().as_text()
+    for text in (loop, step):
+        copies = [line for line in text.splitlines() if " copy(" in line and cache_shape in line]
+        assert not copies, copies[:3]
+        assert cache_shape in text

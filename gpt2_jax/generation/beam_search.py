@@ -26,7 +26,7 @@ from flax import struct
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
-from .engine import count_trace, flatten_cache, forward, init_cache, repeat_cache, unflatten_cache
+from .engine import count_trace, forward, empty_cache, repeat_cache
 from .request import GenerationOutput, Request, prompt_keys
 
 NEG = -1.0e9  # Hugging Face's "impossible" score
@@ -38,7 +38,7 @@ class BeamState:
 
     Attributes:
         step: ``[]`` int32, tokens generated so far.
-        cache: ``B * N`` rows, keys/values flattened to ``[B * N * heads, slots, head_dim]``.
+        cache: ``B * N`` rows.
         running: ``[B, N, L]`` int32, the running beams (prompt + generated).
         running_scores: ``[B, N]`` summed log-probs of the running beams.
         sequences: ``[B, N, L]`` the finished hypotheses (best first).
@@ -102,17 +102,12 @@ def reorder_generated(cache: KVCache, parents: jax.Array, bucket: int) -> KVCach
     """The cache with the generated slots ``[bucket, end)`` of every row taken from row ``parents[row]``.
 
     Only valid when rows sharing a parent prompt have identical prompt slots, validity and positions (true for
-    beams of the same prompt), which is what beam search guarantees. Works on the ``[batch, heads, S, dim]``
-    cache and on the flattened ``[batch * heads, S, dim]`` form the loop carries.
+    beams of the same prompt), which is what beam search guarantees: the prompt slots, ``valid`` and
+    ``next_position`` are left as they are and only ``cap`` slots of keys and values per layer are gathered.
     """
-    if cache.keys[0].ndim == 4:
-        return unflatten_cache(reorder_generated(flatten_cache(cache), parents, bucket))
-    heads = cache.keys[0].shape[0] // cache.valid.shape[0]
-    rows = (parents[:, None] * heads + jnp.arange(heads)[None, :]).reshape(-1)  # [batch * heads]
-
-    def take(x):  # x [batch * heads, slots, head_dim]
-        generated = jnp.take(x[:, bucket:], rows, axis=0)  # only the generated region moves
-        return jax.lax.dynamic_update_slice_in_dim(x, generated, bucket, axis=1)
+    def take(x):  # x [rows, heads, slots, head_dim]
+        generated = jnp.take(x[:, :, bucket:], parents, axis=0)  # [rows, heads, cap, head_dim]
+        return jax.lax.dynamic_update_slice_in_dim(x, generated, bucket, axis=2)
 
     return cache.replace(keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)))
 
@@ -204,9 +199,9 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: dict, spec: Beam
     cfg, nb = spec.model_config, spec.num_beams
     batch = input_ids.shape[0]
     length = spec.bucket + spec.cap
-    cache = init_cache(cfg, batch, length, jnp.dtype(spec.dtype))
+    cache = empty_cache(cfg, batch, length, jnp.dtype(spec.dtype))
     logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype)
-    cache = flatten_cache(repeat_cache(cache, nb))
+    cache = repeat_cache(cache, nb)
     running = jnp.full((batch, nb, length), knobs["pad_id"], jnp.int32)
     running = running.at[:, :, : spec.bucket].set(input_ids[:, None, :])
     start = spec.bucket - attention_mask.sum(axis=1, dtype=jnp.int32)
@@ -233,9 +228,8 @@ def advance_beams(params, state: BeamState, knobs: dict, spec: BeamSpec) -> Beam
     """Feed the chosen tokens, take a beam step, then move the generated cache slots to the new parent beams."""
     batch, nb, _ = state.running.shape
     last = jax.lax.dynamic_slice_in_dim(state.running, spec.bucket + state.step - 1, 1, axis=2)  # [B, N, 1]
-    logits, cache = forward(params, last.reshape(batch * nb, 1), None, unflatten_cache(state.cache),
-                            spec.model_config, spec.dtype)
-    state = _beam_update(state.replace(cache=flatten_cache(cache)), logits, knobs, spec)
+    logits, cache = forward(params, last.reshape(batch * nb, 1), None, state.cache, spec.model_config, spec.dtype)
+    state = _beam_update(state.replace(cache=cache), logits, knobs, spec)
     return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket))
 
 

@@ -72,9 +72,9 @@ def lm_model(config: GPT2Config, dtype: str) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config, dtype=jnp.dtype(dtype))
 
 
-def init_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
-    """An empty cache of ``slots`` slots; unlike ``KVCache.init`` it may exceed ``n_positions`` (slots count
-    padding too; positions never exceed the checked limit)."""
+def empty_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty ``[batch, n_head, slots, head_dim]`` cache; unlike ``KVCache.init`` it may exceed
+    ``n_positions`` (slots count padding too; positions never exceed the checked limit)."""
     shape = (batch_size, config.n_head, slots, config.head_dim)
     return KVCache(
         keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
@@ -83,6 +83,13 @@ def init_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp
         index=jnp.zeros((), jnp.int32),
         next_position=jnp.zeros((batch_size,), jnp.int32),
     )
+
+
+def init_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache of ``slots`` slots for :func:`prefill` / :func:`decode_step`, in the engine's layout
+    (:func:`flatten_cache`: keys/values ``[n_head, slots, head_dim]`` for one row, else
+    ``[batch, n_head, slots, head_dim]``; :func:`unflatten_cache` gives the model's 4-D form)."""
+    return flatten_cache(empty_cache(config, batch_size, slots, dtype))
 
 
 def repeat_cache(cache: KVCache, repeats: int) -> KVCache:
@@ -100,20 +107,24 @@ def repeat_cache(cache: KVCache, repeats: int) -> KVCache:
 
 
 def flatten_cache(cache: KVCache) -> KVCache:
-    """Keys/values ``[batch, n_head, S, head_dim]`` -> ``[batch * n_head, S, head_dim]`` (a free reshape).
+    """The cache in the layout loops carry: keys/values ``[n_head, S, head_dim]`` for a single row, unchanged
+    ``[batch, n_head, S, head_dim]`` otherwise (a free reshape either way).
 
-    Loops carry the cache in this form: it is the layout attention's batched matmuls read, so XLA updates the
-    carried buffers in place instead of copying them every step (see :func:`forward`).
+    That is the layout attention's batched matmul reads (XLA drops a unit batch dimension), so XLA updates the
+    carried buffers in place instead of copying the whole cache every step.
     """
-    flat = lambda x: x.reshape(-1, *x.shape[2:])
-    return cache.replace(keys=tuple(map(flat, cache.keys)), values=tuple(map(flat, cache.values)))
+    if cache.valid.shape[0] != 1 or cache.keys[0].ndim != 4:
+        return cache
+    squeeze = lambda x: x[0]
+    return cache.replace(keys=tuple(map(squeeze, cache.keys)), values=tuple(map(squeeze, cache.values)))
 
 
 def unflatten_cache(cache: KVCache) -> KVCache:
-    """Inverse of :func:`flatten_cache` (the batch size is read from ``cache.valid``)."""
-    batch = cache.valid.shape[0]
-    unflat = lambda x: x.reshape(batch, -1, *x.shape[1:])
-    return cache.replace(keys=tuple(map(unflat, cache.keys)), values=tuple(map(unflat, cache.values)))
+    """Inverse of :func:`flatten_cache`: keys/values back to ``[batch, n_head, S, head_dim]``."""
+    if cache.keys[0].ndim == 4:
+        return cache
+    expand = lambda x: x[None]
+    return cache.replace(keys=tuple(map(expand, cache.keys)), values=tuple(map(expand, cache.values)))
 
 
 def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache, config: GPT2Config,
@@ -139,13 +150,15 @@ def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cach
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
 def _prefill(params, input_ids, attention_mask, cache, *, config, dtype):
     count_trace("prefill")
-    return forward(params, input_ids, attention_mask, cache, config, dtype)
+    logits, cache = forward(params, input_ids, attention_mask, unflatten_cache(cache), config, dtype)
+    return logits, flatten_cache(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
 def _decode_step(params, tokens, cache, *, config, dtype):
     count_trace("decode_step")
-    return forward(params, tokens[:, None], None, cache, config, dtype)
+    logits, cache = forward(params, tokens[:, None], None, unflatten_cache(cache), config, dtype)
+    return logits, flatten_cache(cache)
 
 
 def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Config,
@@ -156,12 +169,14 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
         params: the model params.
         input_ids: ``[batch, T]`` int token ids.
         attention_mask: ``[batch, T]``, 1 for real tokens, 0 for padding.
-        cache: a cache with room for ``T`` more slots (e.g. :func:`init_cache`); donated (do not reuse it).
+        cache: a cache with room for ``T`` more slots (:func:`init_cache`, or any ``KVCache``); donated (do not
+            reuse it).
         config: the model's :class:`GPT2Config`.
         dtype: compute dtype (default: the params' dtype).
 
     Returns:
-        ``(logits [batch, vocab] float32 of the last slot, cache advanced by T slots)``.
+        ``(logits [batch, vocab] float32 of the last slot, cache advanced by T slots)``, the cache in the engine
+        layout (:func:`init_cache`).
     """
     dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
@@ -170,7 +185,7 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
 
 def decode_step(params, tokens, cache: KVCache, *, config: GPT2Config, dtype: Any = None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (``tokens [batch]``) and return ``(logits [batch, vocab], cache)``; the cache is
-    donated."""
+    donated and returned in the engine layout (:func:`init_cache`), which XLA updates in place."""
     dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
     return _decode_step(params, jnp.asarray(tokens, jnp.int32), cache, config=config, dtype=dtype)
 

@@ -1,0 +1,221 @@
+"""Generation benchmark: our compiled engine against transformers PyTorch ``generate``, same weights, same run.
+
+gpt2 (124M) architecture with random weights, a 128-token prompt, 128 new tokens, greedy, batch 1 and 8 (every
+row generates the full budget: no eos). For each engine it prints prefill tokens/s, decode tokens/s, time to first
+token and (ours) compile time, then the ratios. Times are medians of ``--runs`` runs, taken with
+``block_until_ready`` and excluding compilation.
+
+* time to first token (TTFT): prefill plus the first token (ours: the streaming start program; PyTorch:
+  ``generate(max_new_tokens=1)``);
+* prefill tokens/s = batch * prompt / TTFT;
+* decode tokens/s = batch * (new - 1) / (full generate - TTFT);
+* compile: lowering + compiling the full generate program in this process (no persistent cache);
+* ``--startup``: two fresh processes sharing an empty persistent compilation cache directory: "cold" is the first
+  call's overhead (trace + compile) in the first, "warm" the same overhead in the second (trace + cache load),
+  plus each process's total time to its first generated sequence.
+
+Usage::
+
+    python benchmarks/bench_generate.py                     # float32 on CPU, batch 1 and 8
+    python benchmarks/bench_generate.py --startup           # also cold / warm start with the persistent cache
+    python benchmarks/bench_generate.py --dtype bfloat16    # on a GPU (PyTorch runs on cuda too when available)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _median_time(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build_params(seed: int, dtype: str):
+    """gpt2-size random params (our pytree) and config."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax.config import GPT2Config
+    from gpt2_jax.model import init_params
+
+    config = GPT2Config.from_preset("gpt2")
+    params = init_params(jax.random.PRNGKey(seed), config)
+    if dtype != "float32":
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    return config, params
+
+
+def bench_ours(config, params, ids: np.ndarray, new_tokens: int, runs: int) -> dict:
+    """Time our engine: compile, TTFT, full generate."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt2_jax.generation.request import build_request, prompt_keys
+    from gpt2_jax.generation.sampler import SamplerSpec, _sample_program
+    from gpt2_jax.generation.streaming import _start_program
+
+    request = build_request(params, config, ids, max_new_tokens=new_tokens, eos_token_id=())
+    spec = SamplerSpec.from_request(request)
+    args = (params, jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
+            prompt_keys(jax.random.PRNGKey(0), ids.shape[0]), request.knobs)
+    start = time.perf_counter()
+    program = _sample_program.lower(*args, spec=spec).compile()
+    compile_s = time.perf_counter() - start
+    first = _start_program.lower(*args, spec=spec).compile()
+
+    def full():
+        tokens, steps, _, _ = program(*args)
+        jax.block_until_ready(tokens)
+        assert int(steps) == new_tokens
+
+    def ttft():
+        jax.block_until_ready(first(*args))
+
+    full()
+    ttft()
+    return {"compile_s": compile_s, "ttft_s": _median_time(ttft, runs), "total_s": _median_time(full, runs)}
+
+
+def bench_torch(config, params, ids: np.ndarray, new_tokens: int, runs: int, dtype: str, threads: int) -> dict:
+    """Time transformers' eager ``generate`` on the same weights."""
+    import torch
+    import transformers
+
+    from gpt2_jax.checkpoints.hf_mapping import params_to_state_dict
+
+    torch.set_num_threads(threads)
+    device = "cuda" if dtype != "float32" and torch.cuda.is_available() else "cpu"
+    hf_config = transformers.GPT2Config(**config.to_hf_dict())
+    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in params_to_state_dict(params).items()}
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = config.eos_token_id
+    input_ids = torch.tensor(ids, device=device)
+    mask = torch.ones_like(input_ids)
+
+    def run(n):
+        with torch.no_grad():
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape[1] == ids.shape[1] + n
+
+    run(2)  # warm-up
+    return {"ttft_s": _median_time(lambda: run(1), runs), "total_s": _median_time(lambda: run(new_tokens), runs)}
+
+
+def rates(result: dict, batch: int, prompt: int, new_tokens: int) -> dict:
+    decode_s = result["total_s"] - result["ttft_s"]
+    return dict(result, prefill_tok_s=batch * prompt / result["ttft_s"],
+                decode_tok_s=batch * (new_tokens - 1) / decode_s)
+
+
+def startup_child(args) -> None:
+    """In a fresh process: first-call overhead of generate with the persistent cache of ``args.cache_dir``."""
+    t0 = time.perf_counter()
+    from gpt2_jax.generation.cli import enable_compilation_cache
+
+    enable_compilation_cache(args.cache_dir)
+    import jax
+
+    from gpt2_jax.generation import generate
+
+    config, params = build_params(0, args.dtype)
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (1, args.prompt))
+    jax.block_until_ready(params)
+    ready = time.perf_counter()
+    generate(params, ids, model_config=config, max_new_tokens=args.new_tokens, eos_token_id=())
+    first = time.perf_counter() - ready
+    steady = _median_time(lambda: generate(params, ids, model_config=config, max_new_tokens=args.new_tokens,
+                                           eos_token_id=()), 2)
+    print(json.dumps({"overhead_s": first - steady, "first_call_s": first, "steady_s": steady,
+                      "process_to_first_sequence_s": ready - t0 + first, "params_s": ready - t0}))
+
+
+def startup(args) -> list[dict]:
+    """Run :func:`startup_child` twice in fresh processes sharing a new cache directory."""
+    results = []
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for _ in range(2):
+            cmd = [sys.executable, __file__, "--startup-child", "--cache-dir", cache_dir, "--dtype", args.dtype,
+                   "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--startup", action="store_true", help="also measure cold / warm start in fresh processes")
+    parser.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.startup_child:
+        return startup_child(args)
+
+    import jax
+
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.2f}; dtype {args.dtype}; prompt {args.prompt}, "
+          f"{args.new_tokens} new tokens, greedy; median of {args.runs}")
+    config, params = build_params(0, args.dtype)
+    rows = []
+    for batch in args.batch_sizes:
+        ids = np.random.RandomState(batch).randint(0, config.vocab_size, (batch, args.prompt))
+        ours = rates(bench_ours(config, params, ids, args.new_tokens, args.runs), batch, args.prompt,
+                     args.new_tokens)
+        theirs = None
+        if not args.skip_torch:
+            theirs = rates(bench_torch(config, params, ids, args.new_tokens, args.runs, args.dtype, args.threads),
+                           batch, args.prompt, args.new_tokens)
+        rows.append((batch, ours, theirs))
+
+    header = f"{'engine':<22}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT ms':>10}{'compile s':>11}"
+    print(header)
+    print("-" * len(header))
+    for batch, ours, theirs in rows:
+        print(f"{'gpt2-jax (ours)':<22}{batch:>6}{ours['prefill_tok_s']:>15.0f}{ours['decode_tok_s']:>14.1f}"
+              f"{1e3 * ours['ttft_s']:>10.0f}{ours['compile_s']:>11.1f}")
+        if theirs:
+            print(f"{'transformers eager':<22}{batch:>6}{theirs['prefill_tok_s']:>15.0f}"
+                  f"{theirs['decode_tok_s']:>14.1f}{1e3 * theirs['ttft_s']:>10.0f}{'-':>11}")
+            print(f"{'  ratio ours/theirs':<22}{'':>6}{ours['prefill_tok_s'] / theirs['prefill_tok_s']:>14.2f}x"
+                  f"{ours['decode_tok_s'] / theirs['decode_tok_s']:>13.2f}x"
+                  f"{theirs['ttft_s'] / ours['ttft_s']:>9.2f}x")
+    if args.startup:
+        cold, warm = startup(args)
+        print(f"startup (batch 1, fresh processes, persistent compilation cache):")
+        print(f"  cold: first-call overhead {cold['overhead_s']:.2f} s (trace + compile), "
+              f"process start to first sequence {cold['process_to_first_sequence_s']:.2f} s")
+        print(f"  warm: first-call overhead {warm['overhead_s']:.2f} s (trace + cache load), "
+              f"process start to first sequence {warm['process_to_first_sequence_s']:.2f} s "
+              f"(of which {warm['params_s']:.2f} s imports and random init of the params)")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
