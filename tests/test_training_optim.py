@@ -28,6 +28,7 @@ from hf_reference import hf_model
 
 CONFIG = GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0,
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+SMALL = CONFIG.replace(n_layer=1)  # for the tests that compare our own steps with each other (faster to compile)
 
 
 def random_params(seed=0, config=CONFIG):
@@ -160,12 +161,12 @@ def test_adamw_steps_match_torch(grad_clip):
 
 
 def test_gradient_accumulation_equals_full_batch():
-    params = random_params()
+    params = random_params(config=SMALL)
     tokens = jnp.asarray(batch(rows=8))
     optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0, learning_rate=1e-3))
     results = []
     for accum in (1, 2, 4):
-        step = make_train_step(CONFIG, optimizer, schedule, accum_steps=accum, dropout=False, donate=False)
+        step = make_train_step(SMALL, optimizer, schedule, accum_steps=accum, dropout=False, donate=False)
         state, metrics = step(TrainState.create(params, optimizer), tokens, jax.random.PRNGKey(0))
         results.append((state, metrics))
     for state, metrics in results[1:]:
@@ -173,17 +174,17 @@ def test_gradient_accumulation_equals_full_batch():
         np.testing.assert_allclose(float(metrics["grad_norm"]), float(results[0][1]["grad_norm"]), rtol=1e-5)
         assert_trees_close(state.params, results[0][0].params, rtol=1e-5, atol=2e-6, key_bias_atol=1e-3)
     with pytest.raises(ValueError, match="divisible by accum_steps"):
-        make_train_step(CONFIG, optimizer, accum_steps=3, dropout=False)(
+        make_train_step(SMALL, optimizer, accum_steps=3, dropout=False)(
             TrainState.create(params, optimizer), tokens, jax.random.PRNGKey(0))
 
 
 def test_non_finite_step_is_skipped_and_counted():
-    params = random_params()
+    params = random_params(config=SMALL)
     tokens = batch()
     poisoned = jax.tree_util.tree_map(lambda x: x, params)
     poisoned["wte"]["embedding"] = params["wte"]["embedding"].at[int(tokens[0, 0])].set(jnp.nan)
     optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0))
-    step = make_train_step(CONFIG, optimizer, schedule, dropout=False, donate=False)
+    step = make_train_step(SMALL, optimizer, schedule, dropout=False, donate=False)
     state0 = TrainState.create(poisoned, optimizer)
     state1, metrics = step(state0, jnp.asarray(tokens), jax.random.PRNGKey(0))
     assert int(metrics["finite"]) == 0 and int(metrics["skipped"]) == 1
@@ -200,7 +201,7 @@ def test_non_finite_step_is_skipped_and_counted():
 
 
 def test_dropout_uses_the_key():
-    config = CONFIG.replace(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    config = SMALL.replace(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
     params = random_params(config=config)
     optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0))
     step = make_train_step(config, optimizer, schedule, donate=False)
@@ -215,11 +216,11 @@ def test_dropout_uses_the_key():
 
 
 def test_bfloat16_compute_keeps_float32_master_params():
-    params = random_params()
+    params = random_params(config=SMALL)
     tokens = jnp.asarray(batch())
     optimizer, schedule = make_optimizer(OptimizerConfig(warmup_steps=0))
-    step32 = make_train_step(CONFIG, optimizer, schedule, dropout=False, donate=False)
-    step16 = make_train_step(CONFIG, optimizer, schedule, compute_dtype=jnp.bfloat16, dropout=False, donate=False)
+    step32 = make_train_step(SMALL, optimizer, schedule, dropout=False, donate=False)
+    step16 = make_train_step(SMALL, optimizer, schedule, compute_dtype=jnp.bfloat16, dropout=False, donate=False)
     state = TrainState.create(params, optimizer)
     s32, m32 = step32(state, tokens, jax.random.PRNGKey(0))
     s16, m16 = step16(state, tokens, jax.random.PRNGKey(0))

@@ -3,7 +3,7 @@
 Data-parallel (8x1), FSDP (2x4), tensor-parallel (2x4) and FSDP with gradient accumulation give the single-device
 losses and params to rtol 1e-5 / atol 1e-6 (the reductions run in another order); params and optimizer moments are
 really split (each device holds a quarter of a sharded kernel). The CLI trains on the mesh, checkpoints the
-sharded state, resumes it, and refuses a batch the data axes cannot split.
+sharded state (asynchronously), resumes it, and refuses a batch the data axes cannot split.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(r"""
                                    make_mesh, make_optimizer, make_train_step, state_shardings)
 
     assert jax.device_count() == 8, jax.devices()
-    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4, bos_token_id=0,
                         eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     params = init_params(jax.random.PRNGKey(0), config)
     tokens = np.random.default_rng(0).integers(0, 64, size=5000).astype(np.uint16)
@@ -125,14 +125,15 @@ CLI_SCRIPT = textwrap.dedent(r"""
             "--seq-len", "16", "--no-progress", "--no-plot", "--mesh-model", "4", "--save-every", "2"]
     code = main(base + ["--out", out + "/bad", "--batch-size", "6"])
     print("BAD", code, flush=True)
-    assert main(base + ["--out", out + "/run", "--batch-size", "8", "--steps", "3"]) == 0
+    assert main(base + ["--out", out + "/run", "--batch-size", "8", "--steps", "3", "--async-checkpointing"]) == 0
     assert main(["train", "--out", out + "/run", "--resume", "--steps", "5", "--no-progress"]) == 0
     print("STEPS", [m["step"] for m in read_metrics(out + "/run/metrics.jsonl")], flush=True)
 """)
 
 
 def test_cli_on_a_mesh_resumes_and_checks_the_batch(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = subprocess.run([sys.executable, "-c", CLI_SCRIPT, str(tmp_path / "d.bin"), str(tmp_path)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
