@@ -118,6 +118,17 @@ def test_unknown_model_and_bad_settings(tmp_path, capsys):
         main(tiny_args(tmp_path / "r", data, "--resume", "--overwrite"))
 
 
+def test_persistently_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys):
+    """lr 1e30 blows the weights up after one update; later steps are skipped (counted) until the limit."""
+    data = byte_tokens(tmp_path / "bytes.bin", 500)
+    out = tmp_path / "run"
+    code, err = run_cli(tiny_args(out, data, "--config", "vocab_size=256", "--lr", "1e30", "--warmup-steps", "0",
+                                  "--steps", "50", "--max-consecutive-skips", "3", "--log-every", "100"), capsys)
+    assert code == 2 and "non-finite for 3 consecutive steps" in err and "Lower --learning-rate" in err
+    records = read_metrics(out / "metrics.jsonl")  # skipped steps are always logged, whatever --log-every
+    assert [(m["step"], m["finite"], m["skipped"]) for m in records][-3:] == [(s, 0, s - 1) for s in (2, 3, 4)]
+
+
 def test_output_directory_holding_another_run(tmp_path, capsys):
     data = byte_tokens(tmp_path / "bytes.bin", 500)
     out = tmp_path / "run"

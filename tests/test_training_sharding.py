@@ -125,9 +125,10 @@ CLI_SCRIPT = textwrap.dedent(r"""
             "--seq-len", "16", "--no-progress", "--no-plot", "--mesh-model", "4", "--save-every", "2"]
     code = main(base + ["--out", out + "/bad", "--batch-size", "6"])
     print("BAD", code, flush=True)
-    assert main(base + ["--out", out + "/run", "--batch-size", "8", "--steps", "3", "--async-checkpointing"]) == 0
+    assert main(base + ["--out", out + "/run", "--batch-size", "8", "--steps", "3", "--async-checkpointing",
+                        "--eval-data", data, "--eval-windows", "2"]) == 0
     assert main(["train", "--out", out + "/run", "--resume", "--steps", "5", "--no-progress"]) == 0
-    print("STEPS", [m["step"] for m in read_metrics(out + "/run/metrics.jsonl")], flush=True)
+    print("STEPS", [m["step"] for m in read_metrics(out + "/run/metrics.jsonl") if "loss" in m], flush=True)
 """)
 
 
@@ -141,4 +142,5 @@ def test_cli_on_a_mesh_resumes_and_checks_the_batch(tmp_path):
     assert "batch size 6 is not divisible by the 8 batch shards of the mesh (data=2 x model=4)" in proc.stderr
     assert "STEPS [1, 2, 3, 4, 5]" in proc.stdout
     assert "from step 3" in proc.stderr
+    assert "step 5: eval loss" in proc.stderr  # evaluation with FSDP-sharded params
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
