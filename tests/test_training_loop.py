@@ -139,6 +139,12 @@ def test_output_directory_holding_another_run(tmp_path, capsys):
     code, err = run_cli(tiny_args(out, data, "--config", "vocab_size=256", "--steps", "3", "--lr", "0.1",
                                   "--resume"), capsys)
     assert code == 2 and "learning_rate: run has 0.0003, command line gives 0.1" in err
+    # --overwrite with bad input fails before touching the old run
+    (tmp_path / "empty.txt").write_text("")
+    before = (out / "metrics.jsonl").read_text()
+    code, err = run_cli(tiny_args(out, tmp_path / "empty.txt", "--overwrite"), capsys)
+    assert code == 2 and "no text found" in err
+    assert (out / "metrics.jsonl").read_text() == before and (out / "checkpoints").is_dir()
     # --resume with more steps continues; --overwrite starts over
     assert main(["train", "--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
     assert [m["step"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]

@@ -3,7 +3,7 @@
 Data-parallel (8x1), FSDP (2x4), tensor-parallel (2x4) and FSDP with gradient accumulation give the single-device
 losses and params to rtol 1e-5 / atol 1e-6 (the reductions run in another order); params and optimizer moments are
 really split (each device holds a quarter of a sharded kernel). The CLI trains on the mesh, checkpoints the
-sharded state (asynchronously), resumes it, and refuses a batch the data axes cannot split.
+sharded state (asynchronously), resumes it on a different mesh, and refuses a batch the data axes cannot split.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ CLI_SCRIPT = textwrap.dedent(r"""
     print("BAD", code, flush=True)
     assert main(base + ["--out", out + "/run", "--batch-size", "8", "--steps", "3", "--async-checkpointing",
                         "--eval-data", data, "--eval-windows", "2"]) == 0
-    assert main(["train", "--out", out + "/run", "--resume", "--steps", "5", "--no-progress"]) == 0
+    # resume on another mesh (FSDP over 2 instead of 4): the checkpoint is resharded on restore
+    assert main(["train", "--out", out + "/run", "--resume", "--steps", "5", "--no-progress", "--mesh-model", "2"]) == 0
     print("STEPS", [m["step"] for m in read_metrics(out + "/run/metrics.jsonl") if "loss" in m], flush=True)
 """)
 

@@ -54,9 +54,11 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(n_positions=512, n_embd=384, n_layer=6, n_head=6),
 }
 
-# Settings that may differ on --resume (they do not change the trajectory of the steps already defined).
-RESUMABLE_CHANGES = ("steps", "save_every", "keep", "eval_every", "eval_windows", "log_every", "progress", "plot",
-                     "max_consecutive_skips", "async_checkpointing", "save_final", "resume", "overwrite")
+# Settings that may differ on --resume. None changes which batches, keys or hyper-parameters a step uses; a new
+# mesh only changes the order of floating-point reductions (the checkpoint is resharded on restore).
+RESUMABLE_CHANGES = ("steps", "save_every", "keep", "eval_data", "eval_every", "eval_windows", "log_every",
+                     "progress", "plot", "max_consecutive_skips", "async_checkpointing", "save_final", "mesh_data",
+                     "mesh_model", "strategy", "resume", "overwrite")
 
 
 class TrainingError(RuntimeError):
@@ -176,6 +178,9 @@ def resolve_model_config(cfg: TrainConfig) -> tuple[GPT2Config, Any, Any]:
 def prepare_output_dir(cfg: TrainConfig) -> bool:
     """Check ``cfg.out`` against --resume / --overwrite; returns True when an existing run is resumed.
 
+    Nothing is deleted here: with --overwrite the old run's files are removed by :func:`clear_run` once the new
+    settings, model and data have been checked.
+
     Raises:
         ValueError: the directory holds another run (or other files) and neither flag allows using it.
     """
@@ -195,14 +200,21 @@ def prepare_output_dir(cfg: TrainConfig) -> bool:
             what = "holds another training run" if has_run else "is not empty"
             raise ValueError(f"output directory {out} {what}; pass --resume to continue it or --overwrite to "
                              "replace it")
-        if jax.process_index() == 0:
-            for name in RUN_ARTIFACTS:
-                path = out / name
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
     return False
+
+
+def clear_run(out: Path) -> None:
+    """Remove a previous run's files from ``out`` (only those: other files, and the tokenised-data cache, which
+    is keyed by its sources' sizes and mtimes, stay)."""
+    if jax.process_index() == 0:
+        for name in RUN_ARTIFACTS:
+            if name == "data":
+                continue
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
 
 def _merge_resume(cfg: TrainConfig, saved: dict, explicit: set[str] | None) -> TrainConfig:
@@ -374,6 +386,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         _check_vocab(eval_tokens, config, "evaluation")
     init_key, dropout_key, data_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     loader = WindowLoader(tokens, cfg.batch_size, seq_len, seed=np.asarray(data_key), shuffle=cfg.shuffle)
+    if cfg.overwrite:  # everything checked: now the old run may go
+        clear_run(out)
 
     # Run files.
     if is_main and not resuming:
