@@ -235,7 +235,7 @@ def _words(seed) -> list[int]:
     return [int(w) for w in np.asarray(data, dtype=np.uint32).ravel()]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class WindowLoader:
     """Fixed-length training windows drawn from a token array, deterministically from ``(seed, step)``.
 
@@ -267,6 +267,7 @@ class WindowLoader:
                 + (" (the data is empty)" if n == 0 else "; use more text or a shorter --seq-len")
             )
         object.__setattr__(self, "_seed_words", _words(self.seed))
+        object.__setattr__(self, "_order", (None, None))  # (epoch, permutation) of the last epoch used
 
     @property
     def num_windows(self) -> int:
@@ -286,9 +287,16 @@ class WindowLoader:
         epochs, slots = np.divmod(samples, self.num_windows)
         starts = np.empty(self.batch_size, np.int64)
         for epoch in np.unique(epochs):
-            order = self._rng(1, int(epoch)).permutation(self.num_windows)
-            starts[epochs == epoch] = order[slots[epochs == epoch]] * self.seq_len
+            starts[epochs == epoch] = self._permutation(int(epoch))[slots[epochs == epoch]] * self.seq_len
         return starts
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        """Visiting order of the windows in ``epoch`` (the last one is cached: consecutive steps share it)."""
+        cached_epoch, order = self._order
+        if cached_epoch != epoch:
+            order = self._rng(1, epoch).permutation(self.num_windows)
+            object.__setattr__(self, "_order", (epoch, order))
+        return order
 
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
         """Batch ``step`` as int32 ``[batch_size / process_count, seq_len + 1]``: this process's contiguous rows
