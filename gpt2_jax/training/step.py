@@ -54,6 +54,7 @@ class TrainState:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainState":
+        """Inverse of :meth:`to_dict`."""
         return cls(d["step"], d["params"], d["opt_state"], d["skipped"])
 
 
