@@ -68,7 +68,7 @@ def assert_same_filter(ours, theirs, skip=None):
     check = np.ones(ours.shape, bool) if skip is None else ~skip
     np.testing.assert_array_equal(np.isneginf(ours)[check], np.isneginf(theirs)[check])
     kept = check & ~np.isneginf(theirs) & ~np.isneginf(ours)
-    np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(ours[kept], theirs[kept], rtol=1e-6, atol=1e-30)  # XLA flushes denormals
 
 
 @pytest.mark.parametrize("temp", [1.0, 0.5, 1.7])
@@ -106,6 +106,39 @@ def test_warpers_match_hf_property(logits, temp, top_k, top_p):
     assert kept.sum(-1).min() >= 1  # never everything removed
     best = np.argmax(logits, axis=-1)
     assert kept[np.arange(2), best].all()  # the most likely token always survives
+
+
+@pytest.mark.parametrize("sizes", [None, (16,), (16, 512), ()])
+def test_candidate_tiers_match_hf_on_a_large_vocabulary(sizes):
+    """The threshold from the largest 16 / 256 / 512 / 4096 logits, or the full sort: all equal HF's warpers."""
+    vocab, rng = 5000, np.random.RandomState(9)
+    logits = np.concatenate([rng.randn(2, vocab) * 4, rng.randn(2, vocab) * 0.3]).astype(np.float32)  # peaked, flat
+    f = jax.jit(lambda x, k, p: processors.top_k_top_p_filter(x, k, p, sizes=sizes))
+    for top_k, top_p in [(0, 0.9), (0, 0.5), (10, 1.0), (10, 0.8), (300, 0.95), (vocab, 0.999), (0, 0.02)]:
+        ours = f(jnp.asarray(logits), top_k, np.float32(top_p))
+        skip = ambiguous_top_p(logits, 1.0, top_k, top_p) if top_p < 1 else None
+        assert_same_filter(ours, hf_warp(logits, 1.0, top_k, top_p), skip)
+
+
+def test_candidate_threshold_knows_when_it_is_not_enough():
+    x = jnp.asarray(np.random.RandomState(3).randn(2, 3000).astype(np.float32) * 0.3)  # a flat distribution
+    _, exact = processors._candidate_threshold(x, 0, 0.9, 1, 256)
+    assert not np.asarray(exact).any()  # the 0.9 nucleus of a flat distribution holds far more than 256 tokens
+    _, exact = processors._candidate_threshold(x, 0, 0.05, 1, 256)
+    assert np.asarray(exact).all()
+    _, exact = processors._candidate_threshold(x, 300, 1.0, 1, 256)
+    assert not np.asarray(exact).any()
+    tied = jnp.zeros((1, 3000)).at[0, 0].set(1.0)  # top-k ties reaching past the candidates
+    _, exact = processors._candidate_threshold(tied, 5, 1.0, 1, 256)
+    assert not np.asarray(exact).any()
+
+
+def test_sample_draws_from_the_distribution():
+    logits = jnp.log(jnp.asarray([0.5, 0.0, 0.3, 0.2]))
+    draws = jax.vmap(processors.sample, in_axes=(0, None))(jax.random.split(jax.random.key(0), 20000), logits)
+    freq = np.bincount(np.asarray(draws), minlength=4) / 20000
+    np.testing.assert_allclose(freq, [0.5, 0.0, 0.3, 0.2], atol=0.015)
+    assert freq[1] == 0
 
 
 def test_top_k_keeps_ties_like_hf():

@@ -128,24 +128,95 @@ def top_p_filter(logits: jax.Array, top_p, min_tokens_to_keep: int = 1) -> jax.A
     return jnp.where(jnp.asarray(top_p) < 1.0, filtered, logits)
 
 
-def top_k_top_p_filter(logits: jax.Array, top_k, top_p, min_tokens_to_keep: int = 1) -> jax.Array:
-    """Top-k then top-p (``TopKLogitsWarper`` followed by ``TopPLogitsWarper``) with a single sort.
+#: Static candidate-set sizes tried before a full sort of the vocabulary (see :func:`top_k_top_p_filter`).
+FAST_FILTER_SIZES = (256, 4096)
 
-    The sort only runs when a filter is enabled (``lax.cond`` on the traced knobs), so plain sampling does not
-    pay for it.
+
+def _sorted_filter(x: jax.Array, top_k, top_p, min_tokens_to_keep: int) -> jax.Array:
+    """Top-k then top-p over a full ascending sort, in Hugging Face's order of summation."""
+    vocab = x.shape[-1]
+    ascending = jnp.sort(x, axis=-1)  # [batch, vocab]
+    kth = _kth_largest(ascending, _clip_top_k(top_k, vocab, min_tokens_to_keep))
+    ascending = jnp.where(ascending < kth, NEG_INF, ascending)  # the top-k filtered logits, still sorted
+    nucleus = _top_p_threshold(ascending, top_p, min_tokens_to_keep)
+    threshold = jnp.where(jnp.asarray(top_p) < 1.0, jnp.maximum(kth, nucleus), kth)
+    return jnp.where(x < threshold, NEG_INF, x)
+
+
+def _candidate_threshold(x: jax.Array, top_k, top_p, min_tokens_to_keep: int, size: int):
+    """The top-k / top-p threshold from the ``size`` largest logits only.
+
+    Returns ``(threshold [batch, 1], exact [batch])``; ``exact`` is False where the kept set may reach beyond the
+    candidates (top-k ties past ``size``, or a nucleus wider than ``size`` tokens), and the caller falls back.
+
+    With descending probabilities ``q_1 >= q_2 >= ...``, Hugging Face's ascending cumulative sum at rank ``j`` is
+    ``1 - S_{j-1}`` (``S`` the descending prefix sums), so rank ``j`` is removed iff ``S_{j-1} >= top_p``: the kept
+    ranks are a prefix, at least ``min_tokens_to_keep`` long.
+    """
+    vocab = x.shape[-1]
+    values = jax.lax.top_k(x, size)[0]  # [batch, size], descending
+    k = _clip_top_k(top_k, vocab, min_tokens_to_keep)
+    top_k_on = jnp.asarray(top_k) > 0
+    rank = jnp.broadcast_to(jnp.minimum(k, size) - 1, values.shape[:-1])[..., None]
+    kth = jnp.where(top_k_on, jnp.take_along_axis(values, rank, axis=-1), NEG_INF)  # [batch, 1]
+    exact = jnp.where(top_k_on, (k <= size) & (jnp.sum(x >= kth, axis=-1) <= size), True)
+    # Probabilities of the (top-k filtered) distribution: normalised over every kept token.
+    peak = values[:, :1]
+    kept_values = jnp.where(values >= kth, values, NEG_INF)
+    weights = jnp.exp(kept_values - peak)  # [batch, size]
+    total = jnp.where(top_k_on, weights.sum(-1, keepdims=True),
+                      jnp.sum(jnp.exp(x - peak), axis=-1, keepdims=True))  # [batch, 1]
+    exclusive = jnp.concatenate([jnp.zeros_like(weights[:, :1]), jnp.cumsum(weights, axis=-1)[:, :-1]], axis=-1)
+    before = exclusive / total  # S_{j-1}: probability of the higher-ranked tokens
+    top_p = jnp.asarray(top_p, before.dtype)
+    count = jnp.maximum(jnp.sum(before < top_p, axis=-1), min_tokens_to_keep)  # kept prefix length
+    nucleus_inside = (count < size) | (jnp.sum(weights, axis=-1) / total[:, 0] >= top_p)
+    nucleus = jnp.take_along_axis(values, (jnp.minimum(count, size) - 1)[:, None], axis=-1)
+    p_on = top_p < 1.0
+    threshold = jnp.where(p_on, jnp.maximum(kth, nucleus), kth)
+    exact &= jnp.where(p_on, nucleus_inside, True)
+    return threshold, exact
+
+
+def top_k_top_p_filter(logits: jax.Array, top_k, top_p, min_tokens_to_keep: int = 1,
+                       sizes: tuple[int, ...] | None = None) -> jax.Array:
+    """Top-k then top-p (``TopKLogitsWarper`` followed by ``TopPLogitsWarper``).
+
+    Nothing runs when both are disabled (``lax.cond`` on the traced knobs). Otherwise the threshold is taken from
+    the 256 largest logits (``lax.top_k``, ~0.1 ms a row for GPT-2's vocabulary) when the kept set provably lies
+    among them, then from the 4096 largest, and only then from a full sort (~9 ms a row): the result is the same
+    in each case (up to float32 round-off in the cumulative sums).
+
+    Args:
+        logits: ``[batch, vocab]``.
+        top_k: 0 disables; traced.
+        top_p: 1.0 disables; traced.
+        min_tokens_to_keep: static, as Hugging Face's.
+        sizes: candidate-set sizes to try (default :data:`FAST_FILTER_SIZES`).
     """
     vocab = logits.shape[-1]
+    sizes = tuple(s for s in (FAST_FILTER_SIZES if sizes is None else sizes) if s < vocab)
 
-    def filtered(x):
-        ascending = jnp.sort(x, axis=-1)  # [batch, vocab]
-        kth = _kth_largest(ascending, _clip_top_k(top_k, vocab, min_tokens_to_keep))
-        ascending = jnp.where(ascending < kth, NEG_INF, ascending)  # the top-k filtered logits, still sorted
-        nucleus = _top_p_threshold(ascending, top_p, min_tokens_to_keep)
-        threshold = jnp.where(jnp.asarray(top_p) < 1.0, jnp.maximum(kth, nucleus), kth)
-        return jnp.where(x < threshold, NEG_INF, x)
+    def tiers(x, remaining):
+        if not remaining:
+            return _sorted_filter(x, top_k, top_p, min_tokens_to_keep)
+        threshold, exact = _candidate_threshold(x, top_k, top_p, min_tokens_to_keep, remaining[0])
+        return jax.lax.cond(jnp.all(exact), lambda x: jnp.where(x < threshold, NEG_INF, x),
+                            lambda x: tiers(x, remaining[1:]), x)
 
     enabled = (jnp.asarray(top_k) > 0) | (jnp.asarray(top_p) < 1.0)
-    return jax.lax.cond(enabled, filtered, lambda x: x, logits)
+    return jax.lax.cond(enabled, lambda x: tiers(x, sizes), lambda x: x, logits)
+
+
+def sample(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """Draw one token from ``softmax(logits [vocab])`` by inverting its cumulative distribution.
+
+    One uniform number per draw (a categorical via Gumbel noise needs one per vocabulary entry: 4x slower for
+    GPT-2); tokens at ``-inf`` are never drawn. Returns an int32 scalar.
+    """
+    cdf = jnp.cumsum(jax.nn.softmax(logits.astype(jnp.float32)))  # [vocab], nondecreasing
+    u = jax.random.uniform(key, (), jnp.float32) * cdf[-1]
+    return jnp.minimum(jnp.sum(cdf <= u), logits.shape[-1] - 1).astype(jnp.int32)
 
 
 def process_logits(

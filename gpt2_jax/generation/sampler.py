@@ -105,7 +105,7 @@ def select_next(state: SamplingState, logits: jax.Array, knobs: dict, spec: Samp
     if spec.do_sample:
         pairs = jax.vmap(jax.random.split)(keys)  # [rows, 2, ...]
         keys, draw = pairs[:, 0], pairs[:, 1]
-        token = jax.vmap(jax.random.categorical)(draw, processed)
+        token = jax.vmap(processors.sample)(draw, processed)
     else:
         token = jnp.argmax(processed, axis=-1)
     token = jnp.where(state.done, knobs["pad_id"], token.astype(jnp.int32))  # [rows]
