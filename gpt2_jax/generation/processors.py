@@ -143,6 +143,32 @@ def _sorted_filter(x: jax.Array, top_k, top_p, min_tokens_to_keep: int) -> jax.A
     return jnp.where(x < threshold, NEG_INF, x)
 
 
+def _pick(values: jax.Array, index: jax.Array) -> jax.Array:
+    """``values[b, index[b]]`` as ``[batch, 1]``, by a masked reduction over the whole row.
+
+    (Indexing ``lax.top_k``'s output directly lets XLA rewrite the top-k into a full sort of the input.)
+    """
+    hit = jnp.arange(values.shape[-1])[None, :] == index.reshape(-1, 1)
+    return jnp.max(jnp.where(hit, values, NEG_INF), axis=-1, keepdims=True)
+
+
+def _exclusive_cumsum(w: jax.Array, block: int = 64) -> jax.Array:
+    """``[batch, n]`` -> sums of the preceding entries, by two triangular matmuls over ``block``-sized chunks.
+
+    ``jnp.cumsum`` lowers to strided slices on CPU, which makes XLA turn the ``lax.top_k`` feeding it into a full
+    sort of the vocabulary; matmuls keep the top-k intact.
+    """
+    batch, n = w.shape
+    block = block if n % block == 0 else n
+    strict = jnp.triu(jnp.ones((block, block), w.dtype), k=1)  # strict[i, j] = 1 for i < j
+    chunks = w.reshape(batch, n // block, block)
+    within = jnp.einsum("bci,ij->bcj", chunks, strict, precision=jax.lax.Precision.HIGHEST)
+    totals = chunks.sum(-1)  # [batch, n // block]
+    offsets = jnp.einsum("bi,ij->bj", totals, jnp.triu(jnp.ones((n // block, n // block), w.dtype), k=1),
+                         precision=jax.lax.Precision.HIGHEST)
+    return (within + offsets[:, :, None]).reshape(batch, n)
+
+
 def _candidate_threshold(x: jax.Array, top_k, top_p, min_tokens_to_keep: int, size: int):
     """The top-k / top-p threshold from the ``size`` largest logits only.
 
@@ -157,21 +183,20 @@ def _candidate_threshold(x: jax.Array, top_k, top_p, min_tokens_to_keep: int, si
     values = jax.lax.top_k(x, size)[0]  # [batch, size], descending
     k = _clip_top_k(top_k, vocab, min_tokens_to_keep)
     top_k_on = jnp.asarray(top_k) > 0
-    rank = jnp.broadcast_to(jnp.minimum(k, size) - 1, values.shape[:-1])[..., None]
-    kth = jnp.where(top_k_on, jnp.take_along_axis(values, rank, axis=-1), NEG_INF)  # [batch, 1]
+    rank = jnp.broadcast_to(jnp.minimum(k, size) - 1, values.shape[:-1])
+    kth = jnp.where(top_k_on, _pick(values, rank), NEG_INF)  # [batch, 1]
     exact = jnp.where(top_k_on, (k <= size) & (jnp.sum(x >= kth, axis=-1) <= size), True)
     # Probabilities of the (top-k filtered) distribution: normalised over every kept token.
-    peak = values[:, :1]
+    peak = jnp.max(values, axis=-1, keepdims=True)  # (a slice of the top-k output would turn it into a sort)
     kept_values = jnp.where(values >= kth, values, NEG_INF)
     weights = jnp.exp(kept_values - peak)  # [batch, size]
     total = jnp.where(top_k_on, weights.sum(-1, keepdims=True),
                       jnp.sum(jnp.exp(x - peak), axis=-1, keepdims=True))  # [batch, 1]
-    exclusive = jnp.concatenate([jnp.zeros_like(weights[:, :1]), jnp.cumsum(weights, axis=-1)[:, :-1]], axis=-1)
-    before = exclusive / total  # S_{j-1}: probability of the higher-ranked tokens
+    before = _exclusive_cumsum(weights) / total  # S_{j-1}: probability of the higher-ranked tokens
     top_p = jnp.asarray(top_p, before.dtype)
     count = jnp.maximum(jnp.sum(before < top_p, axis=-1), min_tokens_to_keep)  # kept prefix length
     nucleus_inside = (count < size) | (jnp.sum(weights, axis=-1) / total[:, 0] >= top_p)
-    nucleus = jnp.take_along_axis(values, (jnp.minimum(count, size) - 1)[:, None], axis=-1)
+    nucleus = _pick(values, jnp.minimum(count, size) - 1)
     p_on = top_p < 1.0
     threshold = jnp.where(p_on, jnp.maximum(kth, nucleus), kth)
     exact &= jnp.where(p_on, nucleus_inside, True)
