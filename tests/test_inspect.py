@@ -143,7 +143,7 @@ def test_logit_lens_table_and_png(params, tok, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["lens.png"]  # atomic: no temp file left
 
 
-def test_logit_lens_bad_input(params):
+def test_logit_lens_bad_input(params, tmp_path):
     with pytest.raises(ValueError, match="n_positions=32"):
         logit_lens(params, TINY, list(range(33)))
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
@@ -151,7 +151,9 @@ def test_logit_lens_bad_input(params):
     with pytest.raises(ValueError, match="top"):
         logit_lens(params, TINY, [1, 2], top=0)
     with pytest.raises(OSError, match="not a directory"):
-        plot_logit_lens(logit_lens(params, TINY, [1, 2]), None, VECTORS.parent / "gpt2_vectors.json" / "x.png")
+        not_a_directory = tmp_path / "file"
+        not_a_directory.write_text("")
+        plot_logit_lens(logit_lens(params, TINY, [1, 2]), None, not_a_directory / "x.png")
 
 
 # model info ----------------------------------------------------------------------------------------------------
