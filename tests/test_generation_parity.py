@@ -131,3 +131,11 @@ def test_left_padded_batch_matches_hf_and_rows_alone():
         assert alone.new_tokens()[0] == new[i]
         ref_alone = hf_generate(row[None, :], max_new_tokens=14, eos_token_id=eos, repetition_penalty=1.1)
         assert ref_alone.sequences[0, len(row):].tolist()[: len(new[i])] == new[i]
+
+
+def test_max_length_is_a_total_budget_like_hf():
+    ids = prompts(2, 6, seed=11)
+    out = ours(ids, max_length=15, eos_token_id=())
+    ref = hf_generate(ids, max_length=15, eos_token_id=None)
+    assert_same_tokens(out, ref)
+    assert out.sequences.shape == (2, 15)

@@ -237,6 +237,7 @@ def test_min_new_tokens_matches_hf(generated):
         (dict(min_new_tokens=5, max_new_tokens=3), "min_new_tokens .5. exceeds max_new_tokens .3."),
         (dict(early_stopping="sometimes"), "early_stopping must be True, False or 'never'"),
         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0"),
+        (dict(max_length=0), "max_length must be a positive integer or None"),
         (dict(eos_token_id=[2, -1]), "eos_token_id must be non-negative"),
         (dict(eos_token_id="x"), "eos_token_id must hold ints"),
     ],

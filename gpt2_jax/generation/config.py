@@ -44,6 +44,8 @@ class GenerationConfig:
 
     Attributes:
         max_new_tokens: how many tokens to generate at most (the traced budget).
+        max_length: if set, replaces ``max_new_tokens`` by ``max_length`` minus the longest prompt (Hugging Face's
+            total-length budget); None (default) uses ``max_new_tokens``.
         min_new_tokens: eos ids are masked out until this many tokens have been generated.
         do_sample: sample from the processed distribution; False picks the argmax (greedy or beam search).
         temperature: logits are divided by it when sampling (must be > 0 when ``do_sample``; ignored otherwise).
@@ -69,6 +71,7 @@ class GenerationConfig:
     """
 
     max_new_tokens: int = 20
+    max_length: int | None = None
     min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
@@ -95,6 +98,8 @@ class GenerationConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"GenerationConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.max_length is not None and (not _is_int(self.max_length) or self.max_length < 1):
+            raise ValueError(f"GenerationConfig.max_length must be a positive integer or None, got {self.max_length!r}")
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
@@ -125,7 +130,7 @@ class GenerationConfig:
             raise ValueError(
                 f"GenerationConfig.early_stopping must be True, False or 'never', got {self.early_stopping!r}"
             )
-        if self.min_new_tokens > self.max_new_tokens:
+        if self.max_length is None and self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"GenerationConfig.min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens ({self.max_new_tokens})"
             )

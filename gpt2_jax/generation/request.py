@@ -75,10 +75,16 @@ def build_request(
     eos, pad, bos = resolve_special_ids(
         config.eos_ids_or_none(), config.pad_token_id, config.bos_token_id, model_config, vocab
     )
-    prompts = prepare_prompts(
+    prepare = lambda budget: prepare_prompts(
         input_ids, attention_mask, vocab_size=vocab, n_positions=model_config.n_positions,
-        max_new_tokens=config.max_new_tokens, bos_id=bos, pad_id=pad,
+        max_new_tokens=budget, bos_id=bos, pad_id=pad,
     )
+    if config.max_length is not None:  # a total-length budget: what is left after the longest prompt
+        width = prepare(0).width
+        if config.max_length <= width:
+            raise ValueError(f"max_length ({config.max_length}) leaves no room after the longest prompt ({width} tokens)")
+        config = config.replace(max_new_tokens=config.max_length - width, max_length=None)
+    prompts = prepare(config.max_new_tokens)
     dtype_name = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
     return Request(
         prompts=prompts, config=config, model_config=model_config, eos_ids=eos, pad_id=pad,
