@@ -9,8 +9,10 @@ distribution of ``torch.multinomial`` without replacement).
 
 Cache reordering: all beams of a prompt share the prompt's slots (the prompt is prefilled once per prompt and its
 cache rows repeated), so those slots never need reordering. Each step gathers only the generated region
-(``cap`` slots of keys and values per layer) by the parent beams; the prompt region, the slot validity and the
-position counters are identical across a prompt's beams and are left untouched.
+(``cap`` slots of keys and values per layer) by the parent beams, after the step's forward pass; the prompt
+region, the slot validity and the position counters are identical across a prompt's beams and are left untouched.
+What XLA (CPU) adds on top: about two copies of each layer's key and value cache per step (the in-place update
+of the forward pass and the reorder's read of the same buffer cannot share it); the sampler's loop has none.
 """
 
 from __future__ import annotations
