@@ -14,13 +14,16 @@ from .config import GenerationConfig
 from .engine import (
     TRACE_COUNTS,
     decode_step,
+    flatten_cache,
     init_cache,
     new_token_cap,
     prefill,
     prompt_bucket,
+    unflatten_cache,
 )
 from .processors import (
     no_repeat_ngram_banned,
+    sample,
     process_logits,
     repetition_penalty,
     temperature,
@@ -39,6 +42,7 @@ __all__ = [
     "StreamStep",
     "TRACE_COUNTS",
     "decode_step",
+    "flatten_cache",
     "generate",
     "generate_text",
     "init_cache",
@@ -49,10 +53,12 @@ __all__ = [
     "prompt_bucket",
     "reorder_generated",
     "repetition_penalty",
+    "sample",
     "stream",
     "stream_text",
     "temperature",
     "top_k_filter",
     "top_k_top_p_filter",
     "top_p_filter",
+    "unflatten_cache",
 ]
