@@ -20,6 +20,7 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -336,6 +337,38 @@ def _gather(tree):
     return jax.device_get(tree)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Compiled:
+    optimizer: Any
+    schedule: Any
+    state_shape: Any
+    shardings: Any
+    batch_sharding: Any
+    create_state: Any
+    train_step: Any
+    nll_fn: Any
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_functions(config: GPT2Config, opt: OptimizerConfig, mesh, strategy: str, accum_steps: int, dtype: str,
+                        dropout: bool) -> _Compiled:
+    """Optimizer, shardings and jitted functions for these settings, cached so that repeated ``train`` calls in one
+    process (sweeps, notebooks, tests) reuse the compiled programs."""
+    optimizer, schedule = make_optimizer(opt)
+    state_shape = jax.eval_shape(lambda: TrainState.create(init_params(jax.random.PRNGKey(0), config), optimizer))
+    shardings = state_shardings(state_shape, optimizer, mesh, strategy)
+    b_sharding = batch_sharding(mesh, strategy)
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    return _Compiled(
+        optimizer=optimizer, schedule=schedule, state_shape=state_shape, shardings=shardings,
+        batch_sharding=b_sharding,
+        create_state=jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings),
+        train_step=make_train_step(config, optimizer, schedule, accum_steps=accum_steps, compute_dtype=compute,
+                                   dropout=dropout, state_sharding=shardings, batch_sharding=b_sharding),
+        nll_fn=make_nll_fn(config, compute),
+    )
+
+
 # ------------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
     """Run (or resume) a training run described by ``cfg``; see the module docstring for the outputs.
@@ -396,10 +429,11 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         _write_json(out / RUN_FILE, {"train": dataclasses.asdict(cfg), "model_config": config.to_hf_dict()})
 
     # State: sharded over the mesh, from the newest checkpoint or fresh.
-    optimizer, schedule = make_optimizer(cfg.optimizer_config())
-    state_shape = jax.eval_shape(lambda: TrainState.create(init_params(init_key, config), optimizer))
-    shardings = state_shardings(state_shape, optimizer, mesh, cfg.strategy)
-    b_sharding = batch_sharding(mesh, cfg.strategy)
+    compiled = _compiled_functions(config, cfg.optimizer_config(), mesh, cfg.strategy, cfg.accum_steps, cfg.dtype,
+                                   cfg.dropout)
+    optimizer, schedule, shardings, b_sharding = (compiled.optimizer, compiled.schedule, compiled.shardings,
+                                                  compiled.batch_sharding)
+    state_shape = compiled.state_shape
     ckpt = CheckpointManager(out / "checkpoints", max_to_keep=cfg.keep, async_save=cfg.async_checkpointing)
     if resuming and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(abstract_state(state_shape, shardings))
@@ -413,19 +447,14 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
                 params = resolve_model_config(cfg)[1]
         if params is None:
             params = init_params(init_key, config)
-        state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings)(params)
+        state = compiled.create_state(params)
         del params
     start = int(jax.device_get(state.step))
     if is_main:
         _truncate_metrics(out / METRICS_FILE, start)
 
-    train_step = make_train_step(
-        config, optimizer, schedule, accum_steps=cfg.accum_steps,
-        compute_dtype=jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32, dropout=cfg.dropout,
-        state_sharding=shardings, batch_sharding=b_sharding,
-    )
-    nll_fn = make_nll_fn(config, jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32) if eval_tokens is not None \
-        else None
+    train_step = compiled.train_step
+    nll_fn = compiled.nll_fn
 
     def meta(step: int) -> dict:
         return {"seed": cfg.seed, "data_position": {"step": step, "samples": step * cfg.batch_size,
