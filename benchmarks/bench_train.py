@@ -1,17 +1,18 @@
 """Training throughput: our jitted optax train step vs a plain PyTorch loop on the Hugging Face model.
 
 Same architecture (gpt2 124M by default, randomly initialised: no download), same initial weights, same batch,
-same optimizer (AdamW, GPT-2 decay mask, global-norm clipping 1.0), both in float32 with dropout off (``--dropout``
-turns it on in both), in the same process. Reports the median step time over ``--steps`` timed steps after
-``--warmup`` untimed ones (our compilation time is reported separately), tokens/s, model FLOPs utilisation and the
-ratio ours / PyTorch.
+same optimizer (AdamW, GPT-2 decay mask, global-norm clipping 1.0), float32, in the same process. Two modes:
+``dropout 0.1`` (GPT-2's config, what ``model.train()`` does in a plain PyTorch loop) and ``no dropout`` (where both
+frameworks compute the same losses, printed as a check). Reports the median step time over ``--steps`` timed steps
+after ``--warmup`` untimed ones, tokens/s, model FLOPs utilisation and the ratio ours / PyTorch. The two frameworks
+alternate step by step so that both see the same load on a shared machine.
 
 MFU = model FLOPs per step / step time / peak. Model FLOPs per token follow PaLM / nanoGPT: ``6 N + 12 L T d``
 (N = matmul params including the tied LM head, excluding the position table; the second term is attention).
 The peak is *measured* in this run: the best float32 2048x2048 matmul rate of JAX and PyTorch on this machine
 (vendor peaks are not meaningful on a shared virtual CPU). On a GPU, pass ``--dtype bfloat16`` for our side.
 
-    python benchmarks/bench_train.py [--model gpt2] [--batch 4] [--seq 256] [--steps 3] [--warmup 1]
+    python benchmarks/bench_train.py [--model gpt2] [--batch 4] [--seq 256] [--steps 3] [--dropout both|on|off]
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def measure_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
     """Best achieved float32 matmul FLOP/s of JAX and PyTorch."""
     import torch
 
@@ -41,12 +48,6 @@ def measure_peak(size: int = 2048, repeats: int = 5) -> dict[str, float]:
     return {"jax": flops / best_jax, "torch": flops / best_torch}
 
 
-def _time(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def model_flops_per_token(config, seq: int) -> float:
     """``6 N + 12 L T d`` (see the module docstring)."""
     d, L, V, inner = config.n_embd, config.n_layer, config.vocab_size, config.inner_dim
@@ -54,15 +55,69 @@ def model_flops_per_token(config, seq: int) -> float:
     return 6 * matmul_params + 12 * L * seq * d
 
 
+def make_ours(config, opt_cfg, params, tokens, args, dropout: bool):
+    """``(step() -> loss, compile seconds)`` for our jitted train step (the state is kept inside)."""
+    from gpt2_jax.training.optim import make_optimizer
+    from gpt2_jax.training.step import TrainState, make_train_step
+
+    optimizer, schedule = make_optimizer(opt_cfg)
+    holder = {"state": TrainState.create(jax.tree_util.tree_map(jnp.array, params), optimizer), "i": 0}  # a copy
+    step = make_train_step(config, optimizer, schedule, dropout=dropout,
+                           compute_dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
+    batch = jnp.asarray(tokens)
+    start = time.perf_counter()
+    compiled = step.lower(holder["state"], batch, jax.random.PRNGKey(0)).compile()
+    compile_s = time.perf_counter() - start
+
+    def run() -> float:
+        holder["state"], metrics = compiled(holder["state"], batch, jax.random.PRNGKey(holder["i"]))
+        holder["i"] += 1
+        jax.block_until_ready((holder["state"], metrics))
+        return float(metrics["loss"])
+
+    return run, compile_s
+
+
+def make_torch(config, opt_cfg, host_state, decay, tokens, dropout: bool):
+    """``(step() -> loss, attention implementation)`` for a plain PyTorch loop on the Hugging Face model."""
+    import torch
+    import transformers
+
+    hf_cfg = transformers.GPT2Config(**config.to_hf_dict())
+    model = transformers.GPT2LMHeadModel(hf_cfg)
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in host_state.items()}, strict=False)
+    model.tie_weights()
+    model.train()
+    named = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named.items() if decay[n]], "weight_decay": opt_cfg.weight_decay},
+         {"params": [p for n, p in named.items() if not decay[n]], "weight_decay": 0.0}],
+        lr=opt_cfg.learning_rate, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps)
+    inputs = torch.from_numpy(tokens[:, :-1]).long()
+    labels = torch.from_numpy(tokens[:, 1:]).long()
+
+    def run() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
+        optimizer.step()
+        return loss.item()
+
+    return run, model.config._attn_implementation
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2", help="GPT-2 preset (architecture only; random weights)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per framework")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per framework and mode")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype")
-    parser.add_argument("--dropout", action="store_true", help="train with dropout 0.1 in both")
+    parser.add_argument("--dropout", choices=("both", "on", "off"), default="both",
+                        help="on: dropout 0.1 (GPT-2's config) in both frameworks; off: none (identical losses)")
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
@@ -71,84 +126,56 @@ def main() -> None:
     from gpt2_jax.checkpoints.hf_mapping import params_to_state_dict
     from gpt2_jax.config import GPT2Config
     from gpt2_jax.model import count_params, init_params
-    from gpt2_jax.training.optim import OptimizerConfig, decay_mask, make_optimizer
-    from gpt2_jax.training.step import TrainState, make_train_step
+    from gpt2_jax.training.optim import OptimizerConfig, decay_mask
 
-    drop = 0.1 if args.dropout else 0.0
-    config = GPT2Config.from_preset(args.model, resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop)
+    base = GPT2Config.from_preset(args.model)
     opt_cfg = OptimizerConfig(learning_rate=1e-4, warmup_steps=0, total_steps=1000, weight_decay=0.1, grad_clip=1.0)
-    tokens = np.random.default_rng(0).integers(0, config.vocab_size, size=(args.batch, args.seq + 1), dtype=np.int32)
+    tokens = np.random.default_rng(0).integers(0, base.vocab_size, size=(args.batch, args.seq + 1), dtype=np.int32)
     tokens_per_step = args.batch * args.seq
-    flops_per_step = model_flops_per_token(config, args.seq) * tokens_per_step
+    flops_per_step = model_flops_per_token(base, args.seq) * tokens_per_step
     load = os.getloadavg()
-    print(f"{args.model}: batch {args.batch} x seq {args.seq} = {tokens_per_step} tokens/step; "
-          f"{flops_per_step / 1e12:.3f} TFLOP/step; devices {jax.devices()}; torch threads "
-          f"{torch.get_num_threads()}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    params = init_params(jax.random.PRNGKey(0), base)
+    host_state = params_to_state_dict(jax.device_get(params))
+    decay = params_to_state_dict(decay_mask(params), convert=lambda x: x)
+    print(f"{args.model} ({count_params(params) / 1e6:.1f}M params): batch {args.batch} x seq {args.seq} = "
+          f"{tokens_per_step} tokens/step, {flops_per_step / 1e12:.3f} TFLOP/step; {jax.devices()[0].platform} "
+          f"x{jax.device_count()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; load average "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     peak = measure_peak()
     peak_flops = max(peak.values())
-    print(f"measured float32 matmul peak: jax {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} GFLOP/s")
-
-    # Ours.
-    params = init_params(jax.random.PRNGKey(0), config)
-    print(f"params: {count_params(params) / 1e6:.1f}M")
-    optimizer, schedule = make_optimizer(opt_cfg)
-    state = TrainState.create(params, optimizer)
-    host_state = params_to_state_dict(jax.device_get(params))  # for the torch model, before donation
-    step = make_train_step(config, optimizer, schedule, dropout=args.dropout,
-                           compute_dtype=jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
-    batch = jnp.asarray(tokens)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch, jax.random.PRNGKey(0)).compile()
-    compile_s = time.perf_counter() - start
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, jax.random.PRNGKey(i))
-        jax.block_until_ready((state, metrics))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(metrics["loss"]))
-    ours = statistics.median(times)
-    print(f"ours ({args.dtype}): compile {compile_s:.1f} s; step {ours:.3f} s (median of {args.steps}); "
-          f"{tokens_per_step / ours:,.0f} tokens/s; MFU {flops_per_step / ours / peak_flops:.1%}; "
-          f"losses {[round(x, 4) for x in losses]}")
-    del state, compiled, step
-
-    if args.skip_torch:
-        return
-    # PyTorch: the Hugging Face model and a plain loop.
-    import transformers
-
-    hf_cfg = transformers.GPT2Config(**config.to_hf_dict())
-    model = transformers.GPT2LMHeadModel(hf_cfg)
-    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in host_state.items()}, strict=False)
-    model.tie_weights()
-    model.train()
-    decay = params_to_state_dict(decay_mask(params), convert=lambda x: x)
-    named = dict(model.named_parameters())
-    torch_opt = torch.optim.AdamW(
-        [{"params": [p for n, p in named.items() if decay[n]], "weight_decay": opt_cfg.weight_decay},
-         {"params": [p for n, p in named.items() if not decay[n]], "weight_decay": 0.0}],
-        lr=opt_cfg.learning_rate, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps)
-    inputs = torch.from_numpy(tokens[:, :-1]).long()
-    labels = torch.from_numpy(tokens[:, 1:]).long()
-    times, torch_losses = [], []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        torch_opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
-        torch_opt.step()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        torch_losses.append(loss.item())
-    theirs = statistics.median(times)
-    print(f"pytorch (HF GPT2LMHeadModel, {model.config._attn_implementation} attention): step {theirs:.3f} s; "
-          f"{tokens_per_step / theirs:,.0f} tokens/s; MFU {flops_per_step / theirs / peak_flops:.1%}; "
-          f"losses {[round(x, 4) for x in torch_losses]}")
-    print(f"ratio (ours / pytorch tokens/s): {theirs / ours:.2f}x")
+    print(f"measured float32 matmul peak: jax {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} GFLOP/s "
+          f"(MFU below is relative to {peak_flops / 1e9:.0f})")
+    modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.dropout]
+    summary = []
+    for dropout in modes:
+        drop = 0.1 if dropout else 0.0
+        config = base.replace(resid_pdrop=drop, embd_pdrop=drop, attn_pdrop=drop)
+        name = "dropout 0.1" if dropout else "no dropout"
+        ours_run, compile_s = make_ours(config, opt_cfg, params, tokens, args, dropout)
+        print(f"[{name}] ours: compile {compile_s:.1f} s (excluded below)")
+        runners = {"ours": ours_run}
+        if not args.skip_torch:
+            runners["pytorch"], attn = make_torch(config, opt_cfg, host_state, decay, tokens, dropout)
+        # Alternate the two frameworks step by step, so that both see the same machine load.
+        times = {k: [] for k in runners}
+        losses = {k: [] for k in runners}
+        for i in range(args.warmup + args.steps):
+            for k, run in runners.items():
+                t0 = time.perf_counter()
+                losses[k].append(run())
+                if i >= args.warmup:
+                    times[k].append(time.perf_counter() - t0)
+        for k in runners:
+            t = statistics.median(times[k])
+            what = (f"ours ({args.dtype})" if k == "ours"
+                    else f"pytorch (HF GPT2LMHeadModel, {attn} attention, AdamW foreach)")
+            print(f"[{name}] {what}: step {t:.3f} s (median of {args.steps}); {tokens_per_step / t:,.0f} tokens/s; "
+                  f"MFU {flops_per_step / t / peak_flops:.1%}; losses {[round(x, 4) for x in losses[k]]}")
+        if "pytorch" in times:
+            summary.append(f"{name}: {statistics.median(times['pytorch']) / statistics.median(times['ours']):.2f}x")
+    if summary:
+        load = os.getloadavg()
+        print(f"ratio (ours / pytorch tokens/s): {'; '.join(summary)}  (load average now {load[0]:.1f})")
 
 
 if __name__ == "__main__":
