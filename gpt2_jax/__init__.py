@@ -6,6 +6,8 @@ from .checkpoints.hub import CheckpointNotFoundError, HubUnavailableError
 from .checkpoints.pretrained import Pretrained, TokenizerFallbackWarning, from_pretrained, load_directory, read_config
 from .checkpoints.safetensors_io import CheckpointError
 from .config import GPT2Config
+from .generation import GenerationConfig, GenerationOutput, decode_step, generate, generate_text, prefill, stream, stream_text
+from .inspect import attention_maps, logit_lens, model_info, next_token_table, run_benchmark
 from .kv_cache import KVCache
 from .losses import causal_lm_loss, cross_entropy
 from .model import (
@@ -23,3 +25,6 @@ from .model import (
 from .tokenizer import GPT2Tokenizer, StreamingDecoder
 
 __version__ = "0.1.0"
+
+# Fine-tuning lives in gpt2_jax.training (imported on use: it pulls in orbax), e.g.
+#   from gpt2_jax.training import make_optimizer, make_train_step, TrainState
