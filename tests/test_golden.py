@@ -76,9 +76,23 @@ def test_greedy_continuations(vectors, released):
     step = jax.jit(lambda p, ids: jnp.argmax(model.apply({"params": p}, ids).logits[0, -1]))
     for case in vectors["greedy"]:
         if case.get("num_beams", 1) != 1:
-            continue  # beam search golden figures are checked by the generation tests
+            continue  # see test_beam_search_continuation
         ids = tok.encode(case["prompt"])
         total = case.get("max_length") or len(ids) + case["max_new_tokens"]
         while len(ids) < total:
             ids.append(int(step(released.params, np.array([ids]))))
         assert tok.decode(ids).startswith(case["text"]) or tok.decode(ids) == case["text"]
+
+
+def test_beam_search_continuation(vectors, released):
+    from gpt2_jax.generation import generate
+
+    tok = released.tokenizer
+    for case in vectors["greedy"]:
+        if case.get("num_beams", 1) == 1:
+            continue
+        ids = tok.encode(case["prompt"])
+        out = generate(released.params, [ids], model_config=released.config,
+                       max_new_tokens=case["max_new_tokens"], num_beams=case["num_beams"])
+        text = tok.decode(ids + out.new_tokens()[0])
+        assert text.startswith(case["text"]) or case["text"].startswith(text), text
