@@ -8,15 +8,15 @@ separately; the figures are medians over ``--runs`` timed runs after warm-up.
 
 from __future__ import annotations
 
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
+
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -25,13 +25,6 @@ from gpt2_jax.config import GPT2Config  # noqa: E402
 from gpt2_jax.model import GPT2LMHeadModel, init_params  # noqa: E402
 
 
-def median_seconds(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -23,10 +23,11 @@ Usage::
 
 from __future__ import annotations
 
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
+
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,13 +36,6 @@ import time
 import numpy as np
 
 
-def _median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def build_params(seed: int, dtype: str):
@@ -87,7 +81,7 @@ def bench_ours(config, params, ids: np.ndarray, new_tokens: int, runs: int) -> d
 
     full()
     ttft()
-    return {"compile_s": compile_s, "ttft_s": _median_time(ttft, runs), "total_s": _median_time(full, runs)}
+    return {"compile_s": compile_s, "ttft_s": median_seconds(ttft, runs), "total_s": median_seconds(full, runs)}
 
 
 def bench_torch(config, params, ids: np.ndarray, new_tokens: int, runs: int, dtype: str, threads: int) -> dict:
@@ -118,7 +112,7 @@ def bench_torch(config, params, ids: np.ndarray, new_tokens: int, runs: int, dty
         assert out.shape[1] == ids.shape[1] + n
 
     run(2)  # warm-up
-    return {"ttft_s": _median_time(lambda: run(1), runs), "total_s": _median_time(lambda: run(new_tokens), runs)}
+    return {"ttft_s": median_seconds(lambda: run(1), runs), "total_s": median_seconds(lambda: run(new_tokens), runs)}
 
 
 def rates(result: dict, batch: int, prompt: int, new_tokens: int) -> dict:
@@ -143,7 +137,7 @@ def startup_child(args) -> None:
     ready = time.perf_counter()
     generate(params, ids, model_config=config, max_new_tokens=args.new_tokens, eos_token_id=())
     first = time.perf_counter() - ready
-    steady = _median_time(lambda: generate(params, ids, model_config=config, max_new_tokens=args.new_tokens,
+    steady = median_seconds(lambda: generate(params, ids, model_config=config, max_new_tokens=args.new_tokens,
                                            eos_token_id=()), 2)
     print(json.dumps({"overhead_s": first - steady, "first_call_s": first, "steady_s": steady,
                       "imports_and_params_s": ready - t0}))

@@ -7,12 +7,11 @@ and must produce identical ids. Reports the median of several runs in tokens/s.
     python benchmarks/bench_tokenizer.py [--mb 4] [--runs 5]
 """
 
+from _timing import median_seconds  # benchmarks/_timing.py (the script's folder is on sys.path)
 import argparse
 import os
 import random
-import statistics
 import tempfile
-import time
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # single-threaded HF unless a row turns it on
 
@@ -49,14 +48,11 @@ def make_corpus(megabytes: float, seed: int = 0) -> list[str]:
     return docs
 
 
-def median_time(fn, runs: int) -> float:
+
+
+def median_after_warmup(fn, runs: int) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(fn, runs)
 
 
 def main() -> None:
@@ -104,7 +100,7 @@ def main() -> None:
     for name, n_tokens, ours_fn, hf_fn in rows:
         if name.endswith("encode_batch_fast)") and not hasattr(hf, "encode_batch_fast"):
             continue
-        t_ours, t_hf = median_time(ours_fn, args.runs), median_time(hf_fn, args.runs)
+        t_ours, t_hf = median_after_warmup(ours_fn, args.runs), median_after_warmup(hf_fn, args.runs)
         print(f"{name:<42}{n_tokens / t_ours:>16,.0f}{n_tokens / t_hf:>22,.0f}{t_hf / t_ours:>7.2f}x")
     print("ratio = gpt2_jax throughput / HF tokenizers throughput")
 
