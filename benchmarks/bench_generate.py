@@ -61,10 +61,12 @@ def bench_ours(config, params, ids: np.ndarray, new_tokens: int, runs: int) -> d
     from gpt2_jax.generation.request import build_request, prompt_keys
     from gpt2_jax.generation.sampler import SamplerSpec, _sample_program
     from gpt2_jax.generation.streaming import _start_program
+    from gpt2_jax.generation.weight_layout import decode_weights
 
     request = build_request(params, config, ids, max_new_tokens=new_tokens, eos_token_id=())
     spec = SamplerSpec.from_request(request)
-    args = (params, jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
+    weights = decode_weights(params)  # what generate() computes with (on the CPU: kernels transposed)
+    args = (weights, jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
             prompt_keys(jax.random.PRNGKey(0), ids.shape[0]), request.knobs)
     start = time.perf_counter()
     program = _sample_program.lower(*args, spec=spec).compile()

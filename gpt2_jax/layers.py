@@ -57,16 +57,41 @@ class LayerNorm(nn.Module):
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
-def dense(features: int, std: float, dtype, param_dtype, name: str) -> nn.Dense:
-    """A Dense layer (``kernel [in, out]``, ``bias``) initialised with normal(std) weights and zero bias."""
-    return nn.Dense(
-        features,
-        kernel_init=nn.initializers.normal(std),
-        bias_init=nn.initializers.zeros,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-    )
+#: Variable collection that may carry every Dense kernel transposed, ``[out, in]``: the layout XLA's CPU
+#: matrix-vector products read fastest. Generation on the CPU passes it
+#: (:mod:`gpt2_jax.generation.weight_layout`); everything else uses the ``params`` kernels ``[in, out]``.
+KERNELS_OUT_IN = "kernels_out_in"
+
+
+class Dense(nn.Module):
+    """``x @ kernel + bias`` with ``kernel [in, out]`` (Hugging Face's ``Conv1D``), params ``kernel`` and ``bias``.
+
+    Computes like ``flax.linen.Dense``. When the variables carry the kernel transposed in the
+    :data:`KERNELS_OUT_IN` collection, it reads that one instead (the ``params`` kernel is then not needed).
+    """
+
+    features: int
+    std: float
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        if self.has_variable(KERNELS_OUT_IN, "kernel"):
+            kernel_t = self.get_variable(KERNELS_OUT_IN, "kernel")  # [out, in]
+            y = jnp.einsum("...i,oi->...o", x, kernel_t.astype(self.dtype))
+        else:
+            kernel = self.param("kernel", nn.initializers.normal(self.std), (x.shape[-1], self.features),
+                                self.param_dtype)
+            y = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return y + bias.astype(self.dtype)
+
+
+def dense(features: int, std: float, dtype, param_dtype, name: str) -> Dense:
+    """A :class:`Dense` layer (``kernel [in, out]``, ``bias``) initialised with normal(std) weights, zero bias."""
+    return Dense(features, std, dtype, param_dtype, name=name)
 
 
 class GPT2Attention(nn.Module):

@@ -23,6 +23,7 @@ from gpt2_jax.generation import (
     stream,
 )
 from gpt2_jax.generation.engine import repeat_cache, unflatten_cache
+from gpt2_jax.generation.weight_layout import decode_weights, transpose_kernels
 from gpt2_jax.model import GPT2LMHeadModel, init_params
 from generation_helpers import BOS, PAD, TINY, frequent_token, left_pad, prompts, tiny_hf, tiny_params
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
@@ -276,9 +277,12 @@ def test_reorder_generated_equals_a_full_cache_reorder():
 
 
 # The compiled decode program ------------------------------------------------------------------------------------
-def test_decode_program_does_not_materialise_a_transposed_wte():
+@pytest.mark.parametrize("transposed_kernels", [False, True])
+def test_decode_program_does_not_materialise_a_transposed_wte(transposed_kernels):
     cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=1, n_head=2)
     p = jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), cfg))
+    if transposed_kernels:
+        p = jax.eval_shape(transpose_kernels, p)
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32))
     from gpt2_jax.generation.engine import _decode_step
 
@@ -298,10 +302,11 @@ def test_compiled_programs_update_the_cache_in_place(batch):
     cache_shape = f"{TINY.n_head},48,{TINY.head_dim}]"  # 16 prompt slots + 32 new-token slots
     request = build_request(params(), TINY, prompts(batch, 5), max_new_tokens=20)
     spec = SamplerSpec.from_request(request)
-    args = (params(), jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
+    weights = decode_weights(params())  # what generate() and decode_step() compute with
+    args = (weights, jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
             prompt_keys(jax.random.key(0), batch), request.knobs)
     loop = _sample_program.lower(*args, spec=spec).compile().as_text()
-    step = _decode_step.lower(params(), jnp.zeros((batch,), jnp.int32), init_cache(TINY, batch, 48), config=TINY,
+    step = _decode_step.lower(weights, jnp.zeros((batch,), jnp.int32), init_cache(TINY, batch, 48), config=TINY,
                               dtype="float32").compile().as_text()
     for text in (loop, step):
         copies = [line for line in text.splitlines() if " copy(" in line and cache_shape in line]

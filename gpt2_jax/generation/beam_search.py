@@ -30,6 +30,7 @@ from ..kv_cache import KVCache
 from . import processors
 from .engine import count_trace, forward, empty_cache, repeat_cache
 from .request import GenerationOutput, Request, prompt_keys
+from .weight_layout import decode_weights
 
 NEG = -1.0e9  # Hugging Face's "impossible" score
 
@@ -258,7 +259,7 @@ def run_beam_request(params, request: Request, key) -> GenerationOutput:
     )
     prompts = request.prompts
     sequences, scores, lengths = _beam_program(
-        params, jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
+        decode_weights(params), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
         prompt_keys(key, request.batch_size), request.knobs, spec=spec,
         num_return_sequences=cfg.num_return_sequences,
     )

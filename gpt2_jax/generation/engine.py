@@ -27,6 +27,7 @@ import numpy as np
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from ..model import GPT2LMHeadModel
+from .weight_layout import DecodeWeights, decode_weights
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKEN_CAP = 16
@@ -63,6 +64,8 @@ def canonical_dtype(dtype: Any) -> str:
 
 def params_dtype(params) -> str:
     """The dtype of the token embedding, taken as the compute dtype when none is given."""
+    if isinstance(params, DecodeWeights):
+        params = params.params
     return canonical_dtype(params["wte"]["embedding"].dtype)
 
 
@@ -132,7 +135,7 @@ def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cach
     """One cached forward pass returning the logits of the last position only.
 
     Args:
-        params: the model params.
+        params: the model params, or :class:`~gpt2_jax.generation.weight_layout.DecodeWeights`.
         input_ids: ``[batch, T]`` int32, written at slots ``[cache.index, cache.index + T)``.
         attention_mask: ``[batch, T]`` (None: all real tokens).
         cache: the cache before the write.
@@ -141,8 +144,9 @@ def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cach
     Returns:
         ``(logits [batch, vocab] float32, the advanced cache)``.
     """
+    variables = params.variables if isinstance(params, DecodeWeights) else {"params": params}
     out = lm_model(config, dtype).apply(
-        {"params": params}, input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1
+        variables, input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1
     )
     return out.logits[:, -1].astype(jnp.float32), out.cache  # [batch, 1, vocab] -> [batch, vocab]
 
@@ -166,7 +170,8 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
     """Run a (left-padded) prompt through the model, filling the cache; the cache is donated.
 
     Args:
-        params: the model params.
+        params: the model params (on the CPU computed with transposed kernels,
+            :func:`~gpt2_jax.generation.weight_layout.decode_weights`).
         input_ids: ``[batch, T]`` int token ids.
         attention_mask: ``[batch, T]``, 1 for real tokens, 0 for padding.
         cache: a cache with room for ``T`` more slots (:func:`init_cache`, or any ``KVCache``); donated (do not
@@ -180,14 +185,14 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
     """
     dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    return _prefill(params, jnp.asarray(input_ids, jnp.int32), mask, cache, config=config, dtype=dtype)
+    return _prefill(decode_weights(params), jnp.asarray(input_ids, jnp.int32), mask, cache, config=config, dtype=dtype)
 
 
 def decode_step(params, tokens, cache: KVCache, *, config: GPT2Config, dtype: Any = None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (``tokens [batch]``) and return ``(logits [batch, vocab], cache)``; the cache is
     donated and returned in the engine layout (:func:`init_cache`), which XLA updates in place."""
     dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
-    return _decode_step(params, jnp.asarray(tokens, jnp.int32), cache, config=config, dtype=dtype)
+    return _decode_step(decode_weights(params), jnp.asarray(tokens, jnp.int32), cache, config=config, dtype=dtype)
 
 
 # Prompt preparation (host side, concrete values: every check here runs before anything compiles) --------------

@@ -32,6 +32,7 @@ from . import processors
 from .config import GenerationConfig
 from .engine import count_trace, flatten_cache, forward, empty_cache, repeat_cache, unflatten_cache
 from .request import GenerationOutput, Request, build_request, prompt_keys, row_keys
+from .weight_layout import decode_weights
 
 
 @struct.dataclass
@@ -190,7 +191,7 @@ def run_request(params, request: Request, key) -> GenerationOutput:
     prompts = request.prompts
     keys = prompt_keys(key, request.batch_size)
     tokens, steps, counts, logprobs = _sample_program(
-        params, jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask), keys, request.knobs, spec=spec
+        decode_weights(params), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask), keys, request.knobs, spec=spec
     )
     steps = int(steps)
     tokens = np.asarray(tokens)

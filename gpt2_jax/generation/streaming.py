@@ -19,6 +19,7 @@ import numpy as np
 from ..config import GPT2Config
 from .config import GenerationConfig
 from .engine import count_trace
+from .weight_layout import decode_weights
 from .request import build_request, prompt_keys
 from .sampler import SamplerSpec, SamplingState, advance_state, keep_going, start_state
 
@@ -80,12 +81,13 @@ def stream(
         key = jax.random.PRNGKey(0)
     spec = SamplerSpec.from_request(request)
     prompts = request.prompts
+    weights = decode_weights(params)
     state, token, active, going = _start_program(
-        params, jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
+        weights, jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
         prompt_keys(key, request.batch_size), request.knobs, spec=spec,
     )
     while True:
         yield StreamStep(np.asarray(token), np.asarray(active))
         if not bool(going):
             return
-        state, token, active, going = _advance_program(params, state, request.knobs, spec=spec)
+        state, token, active, going = _advance_program(weights, state, request.knobs, spec=spec)
