@@ -36,17 +36,25 @@ class KVCache:
     @classmethod
     def init(cls, config: GPT2Config, batch_size: int, max_length: int, dtype=jnp.float32) -> "KVCache":
         """An empty cache for ``batch_size`` rows and ``max_length`` slots (at most ``config.n_positions``)."""
-        if batch_size <= 0:
-            raise ValueError(f"cache batch_size must be positive, got {batch_size}")
         if not 0 < max_length <= config.n_positions:
             raise ValueError(
                 f"cache max_length must be in [1, n_positions={config.n_positions}], got {max_length}"
             )
-        shape = (batch_size, config.n_head, max_length, config.head_dim)
+        return cls.zeros(config, batch_size, max_length, dtype)
+
+    @classmethod
+    def zeros(cls, config: GPT2Config, batch_size: int, slots: int, dtype=jnp.float32) -> "KVCache":
+        """An empty cache of ``slots`` slots with no cap at ``n_positions``: generation's bucketed caches count
+        left padding as slots too, while every position stays below the limit (checked when prompts are prepared)."""
+        if batch_size <= 0:
+            raise ValueError(f"cache batch_size must be positive, got {batch_size}")
+        if slots <= 0:
+            raise ValueError(f"cache slots must be positive, got {slots}")
+        shape = (batch_size, config.n_head, slots, config.head_dim)  # [batch, n_head, slots, head_dim]
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
-            valid=jnp.zeros((batch_size, max_length), bool),
+            valid=jnp.zeros((batch_size, slots), bool),
             index=jnp.zeros((), jnp.int32),
             next_position=jnp.zeros((batch_size,), jnp.int32),
         )

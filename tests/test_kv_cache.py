@@ -73,6 +73,13 @@ def test_jitted_decode_with_donated_cache(params):
 def test_cache_limits_and_reorder(params):
     with pytest.raises(ValueError, match="max_length must be in"):
         KVCache.init(TINY, 1, TINY.n_positions + 1)
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        KVCache.init(TINY, 0, 8)
+    with pytest.raises(ValueError, match="slots must be positive"):
+        KVCache.zeros(TINY, 1, 0)
+    padded = KVCache.zeros(TINY, 2, TINY.n_positions + 16)  # generation's buckets count padding as slots
+    assert padded.max_length == TINY.n_positions + 16
+    assert padded.keys[0].shape == (2, TINY.n_head, TINY.n_positions + 16, TINY.head_dim)
     model = GPT2LMHeadModel(TINY)
     with pytest.raises(ValueError, match="exceeds the cache's max_length"):
         model.apply({"params": params}, np.ones((1, 9), np.int32), cache=KVCache.init(TINY, 1, 8))

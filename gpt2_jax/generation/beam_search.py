@@ -28,7 +28,7 @@ from flax import struct
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
-from .engine import count_trace, forward, empty_cache, repeat_cache
+from .engine import count_trace, forward, repeat_cache
 from .request import GenerationOutput, Request, prompt_keys
 from .weight_layout import decode_weights
 
@@ -202,7 +202,7 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: dict, spec: Beam
     cfg, nb = spec.model_config, spec.num_beams
     batch = input_ids.shape[0]
     length = spec.bucket + spec.cap
-    cache = empty_cache(cfg, batch, length, jnp.dtype(spec.dtype))
+    cache = KVCache.zeros(cfg, batch, length, jnp.dtype(spec.dtype))
     logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype)
     cache = repeat_cache(cache, nb)
     running = jnp.full((batch, nb, length), knobs["pad_id"], jnp.int32)

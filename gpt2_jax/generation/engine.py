@@ -75,24 +75,11 @@ def lm_model(config: GPT2Config, dtype: str) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config, dtype=jnp.dtype(dtype))
 
 
-def empty_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
-    """An empty ``[batch, n_head, slots, head_dim]`` cache; unlike ``KVCache.init`` it may exceed
-    ``n_positions`` (slots count padding too; positions never exceed the checked limit)."""
-    shape = (batch_size, config.n_head, slots, config.head_dim)
-    return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
-        valid=jnp.zeros((batch_size, slots), bool),
-        index=jnp.zeros((), jnp.int32),
-        next_position=jnp.zeros((batch_size,), jnp.int32),
-    )
-
-
 def init_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache of ``slots`` slots for :func:`prefill` / :func:`decode_step`, in the engine's layout
     (:func:`flatten_cache`: keys/values ``[n_head, slots, head_dim]`` for one row, else
     ``[batch, n_head, slots, head_dim]``; :func:`unflatten_cache` gives the model's 4-D form)."""
-    return flatten_cache(empty_cache(config, batch_size, slots, dtype))
+    return flatten_cache(KVCache.zeros(config, batch_size, slots, dtype))
 
 
 def repeat_cache(cache: KVCache, repeats: int) -> KVCache:

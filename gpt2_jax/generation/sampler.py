@@ -30,7 +30,7 @@ from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
 from .config import GenerationConfig
-from .engine import count_trace, flatten_cache, forward, empty_cache, repeat_cache, unflatten_cache
+from .engine import count_trace, flatten_cache, forward, repeat_cache, unflatten_cache
 from .request import GenerationOutput, Request, build_request, prompt_keys, row_keys
 from .weight_layout import decode_weights
 
@@ -140,7 +140,7 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
     """
     cfg, n = spec.model_config, spec.num_return_sequences
     batch = input_ids.shape[0]
-    cache = empty_cache(cfg, batch, spec.bucket + spec.cap, jnp.dtype(spec.dtype))
+    cache = KVCache.zeros(cfg, batch, spec.bucket + spec.cap, jnp.dtype(spec.dtype))
     logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype)  # prefill once per prompt
     if n > 1:  # the return sequences of a prompt share its prefill
         cache = repeat_cache(cache, n)
