@@ -271,9 +271,29 @@ def test_reorder_generated_equals_a_full_cache_reorder():
         _, cache = decode_step(params(), prompts(1, batch * beams, seed=30 + t)[0], cache, config=TINY)
     parents = jnp.asarray([2, 0, 2, 4, 4, 3], jnp.int32)  # beams only follow beams of their own prompt
     full = cache.reorder(parents)
-    cheap = reorder_generated(cache, parents, bucket)
+    cheap = reorder_generated(cache, parents, bucket, beams)
     for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(cheap)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_beam_search_loop_does_not_copy_whole_cache_arrays(batch):
+    """Moving the generated slots to the new parent beams updates the carried cache in place."""
+    from gpt2_jax.generation.beam_search import BeamSpec, _beam_program
+    from gpt2_jax.generation.request import build_request, prompt_keys
+
+    beams = 3
+    request = build_request(params(), TINY, prompts(batch, 5), max_new_tokens=20, num_beams=beams)
+    c = request.config
+    spec = BeamSpec(TINY, request.dtype, request.prompts.bucket, request.cap, beams, len(request.eos_ids),
+                    c.early_stopping, c.do_sample, c.no_repeat_ngram_size)
+    args = (decode_weights(params()), jnp.asarray(request.prompts.input_ids),
+            jnp.asarray(request.prompts.attention_mask), prompt_keys(jax.random.key(0), batch), request.knobs)
+    text = _beam_program.lower(*args, spec=spec, num_return_sequences=1).compile().as_text()
+    cache_shape = f"f32[{batch * beams},{TINY.n_head},48,{TINY.head_dim}]"  # 16 prompt + 32 new-token slots
+    assert cache_shape in text
+    copies = [line for line in text.splitlines() if " copy(" in line and cache_shape in line]
+    assert not copies, copies[:3]
 
 
 # The compiled decode program ------------------------------------------------------------------------------------
