@@ -35,13 +35,16 @@ from .request import GenerationOutput
 from .sampler import generate
 from .streaming import StreamStep, stream
 from .text import generate_text, stream_text
+from .weight_layout import DecodeWeights, decode_weights
 
 __all__ = [
+    "DecodeWeights",
     "GenerationConfig",
     "GenerationOutput",
     "StreamStep",
     "TRACE_COUNTS",
     "decode_step",
+    "decode_weights",
     "flatten_cache",
     "generate",
     "generate_text",

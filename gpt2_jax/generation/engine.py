@@ -177,7 +177,10 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
 
 def decode_step(params, tokens, cache: KVCache, *, config: GPT2Config, dtype: Any = None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (``tokens [batch]``) and return ``(logits [batch, vocab], cache)``; the cache is
-    donated and returned in the engine layout (:func:`init_cache`), which XLA updates in place."""
+    donated and returned in the engine layout (:func:`init_cache`), which XLA updates in place.
+
+    ``params`` may be plain params (looked up in :func:`~gpt2_jax.generation.weight_layout.decode_weights`'s cache
+    on every call) or, in a loop, ``decode_weights(params)`` prepared once."""
     dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
     return _decode_step(decode_weights(params), jnp.asarray(tokens, jnp.int32), cache, config=config, dtype=dtype)
 

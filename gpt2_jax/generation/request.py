@@ -92,6 +92,19 @@ def build_request(
     )
 
 
+def request_key(config: GenerationConfig, key):
+    """The key a checked request runs with: ``key``, or a fixed one when nothing is sampled.
+
+    Raises:
+        ValueError: sampling (``do_sample``) without a key.
+    """
+    if key is not None:
+        return key
+    if config.do_sample:
+        raise ValueError("sampling (do_sample=True) needs a key: pass key=jax.random.key(seed)")
+    return jax.random.PRNGKey(0)
+
+
 def _is_typed_key(key) -> bool:
     return jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
 

@@ -31,7 +31,7 @@ from ..kv_cache import KVCache
 from . import processors
 from .config import GenerationConfig
 from .engine import count_trace, flatten_cache, forward, repeat_cache, unflatten_cache
-from .request import GenerationOutput, Request, build_request, prompt_keys, row_keys
+from .request import GenerationOutput, Request, build_request, prompt_keys, request_key, row_keys
 from .weight_layout import decode_weights
 
 
@@ -236,12 +236,8 @@ def generate(
             sampling without a key; all raised before anything is compiled.
     """
     request = build_request(params, model_config, input_ids, attention_mask, config, dtype, **overrides)
-    cfg = request.config
-    if cfg.do_sample and key is None:
-        raise ValueError("sampling (do_sample=True) needs a key: pass key=jax.random.key(seed)")
-    if key is None:
-        key = jax.random.PRNGKey(0)
-    if cfg.num_beams > 1:
+    key = request_key(request.config, key)
+    if request.config.num_beams > 1:
         from .beam_search import run_beam_request
 
         return run_beam_request(params, request, key)

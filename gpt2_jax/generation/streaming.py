@@ -19,8 +19,8 @@ import numpy as np
 from ..config import GPT2Config
 from .config import GenerationConfig
 from .engine import count_trace
+from .request import build_request, prompt_keys, request_key
 from .weight_layout import decode_weights
-from .request import build_request, prompt_keys
 from .sampler import SamplerSpec, SamplingState, advance_state, keep_going, start_state
 
 
@@ -72,13 +72,9 @@ def stream(
         :class:`StreamStep` ``(tokens [rows], active [rows])``, rows ordered as ``generate``'s output.
     """
     request = build_request(params, model_config, input_ids, attention_mask, config, dtype, **overrides)
-    cfg = request.config
-    if cfg.num_beams > 1:
+    if request.config.num_beams > 1:
         raise ValueError("streaming supports greedy decoding and sampling, not beam search (num_beams > 1)")
-    if cfg.do_sample and key is None:
-        raise ValueError("sampling (do_sample=True) needs a key: pass key=jax.random.key(seed)")
-    if key is None:
-        key = jax.random.PRNGKey(0)
+    key = request_key(request.config, key)
     spec = SamplerSpec.from_request(request)
     prompts = request.prompts
     weights = decode_weights(params)

@@ -29,6 +29,14 @@ def _load(model: Any, dtype: Any):
     return loaded.config, loaded.params, loaded.tokenizer
 
 
+def _prepare(model: Any, dtype: Any, tokenizer: GPT2Tokenizer | None, config: GenerationConfig | None,
+             overrides: dict):
+    """``(model config, params, tokenizer, generation config)``: the model loaded if named, the tokenizer
+    override applied, the generation config with ``overrides``."""
+    model_config, params, tok = _load(model, dtype)
+    return model_config, params, (tokenizer if tokenizer is not None else tok), _config(config, overrides)
+
+
 def _resolve_key(key, seed: int, config: GenerationConfig):
     if key is not None:
         return key
@@ -71,9 +79,7 @@ def generate_text(
         For one prompt: a string, or a list of ``num_return_sequences`` strings. For a list of prompts: a list
         with one such entry per prompt.
     """
-    model_config, params, tok = _load(model, dtype)
-    tok = tokenizer if tokenizer is not None else tok
-    config = _config(config, overrides)
+    model_config, params, tok, config = _prepare(model, dtype, tokenizer, config, overrides)
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
     if not texts:
@@ -106,9 +112,7 @@ def stream_text(
     Pieces split only at whole UTF-8 characters; their concatenation equals ``generate_text(prompt, ...)`` with
     the same arguments and key. Arguments as :func:`generate_text`.
     """
-    model_config, params, tok = _load(model, dtype)
-    tok = tokenizer if tokenizer is not None else tok
-    config = _config(config, overrides)
+    model_config, params, tok, config = _prepare(model, dtype, tokenizer, config, overrides)
     if config.num_return_sequences != 1:
         raise ValueError("stream_text streams one sequence: num_return_sequences must be 1")
     decoder = StreamingDecoder(tok, skip_special_tokens=skip_special_tokens)

@@ -69,7 +69,7 @@ def _split_kernels(tree) -> tuple[dict, dict]:
     """(the tree without Dense kernels, the same paths holding only the kernels)."""
     kept, kernels = {}, {}
     for name, value in tree.items():
-        if isinstance(value, dict) or hasattr(value, "items"):
+        if hasattr(value, "items"):  # a nested module
             kept[name], sub = _split_kernels(value)
             if sub:
                 kernels[name] = sub
