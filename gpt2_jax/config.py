@@ -15,6 +15,10 @@ from typing import Any, Mapping
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu", "swish", "gelu_fast", "quick_gelu", "gelu_pytorch_tanh", "tanh")
 SUMMARY_TYPES = ("last", "first", "mean", "cls_index")
 
+# Fields that describe how this library lays the model out, not the model: never read from or written to a
+# Hugging Face config.json (a non-default variant is written as ``gpt2_jax_variant``).
+LIBRARY_FIELDS = ("scan_layers", "variant")
+
 # Keys of a Hugging Face config.json that name the same field as ours under another name.
 _HF_ALIASES = {
     "n_ctx": "n_positions",
@@ -57,6 +61,9 @@ class GPT2Config:
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None  # used by sequence classification to find each row's last token
+    # Not Hugging Face fields (never written to config.json): how this library lays the model out.
+    scan_layers: bool = False  # blocks under nn.scan, params stacked [n_layer, ...] under h/ (compiles one block)
+    variant: str = "gpt2"  # a registered architecture variant (gpt2_jax.layers.register_variant)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "num_labels"):
@@ -83,6 +90,10 @@ class GPT2Config:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
         if self.initializer_range < 0:
             raise ValueError(f"GPT2Config.initializer_range must be >= 0, got {self.initializer_range!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"GPT2Config.scan_layers must be a bool, got {self.scan_layers!r}")
+        if not isinstance(self.variant, str) or not self.variant:
+            raise ValueError(f"GPT2Config.variant must be a non-empty string, got {self.variant!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
@@ -135,12 +146,14 @@ class GPT2Config:
             raise ValueError(f"a config must be a JSON object, got {type(data).__name__}")
         if data.get("model_type") not in (None, "gpt2"):
             raise ValueError(f"the config describes a {data['model_type']!r} model, not GPT-2 (model_type 'gpt2')")
-        field_names = {f.name for f in dataclasses.fields(cls)}
+        field_names = {f.name for f in dataclasses.fields(cls)} - set(LIBRARY_FIELDS)
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             name = _HF_ALIASES.get(key, key)
             if name in field_names and not (key != name and name in data):
                 kwargs[name] = value
+        if data.get("gpt2_jax_variant") is not None:
+            kwargs["variant"] = data["gpt2_jax_variant"]
         if "num_labels" not in kwargs and isinstance(data.get("id2label"), Mapping):
             kwargs["num_labels"] = len(data["id2label"])
         if isinstance(kwargs.get("eos_token_id"), (list, tuple)):
@@ -158,6 +171,10 @@ class GPT2Config:
         """This config as a Hugging Face ``config.json`` dictionary (``GPT2LMHeadModel`` architecture)."""
         data: dict[str, Any] = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}
         data.update(dataclasses.asdict(self))
+        for name in LIBRARY_FIELDS:
+            del data[name]
+        if self.variant != "gpt2":  # not loadable by transformers; our loader restores it
+            data["gpt2_jax_variant"] = self.variant
         data["n_ctx"] = self.n_positions
         num_labels = data.pop("num_labels")
         data["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}

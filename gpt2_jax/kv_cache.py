@@ -20,15 +20,16 @@ class KVCache:
     """Keys and values of every layer for ``max_length`` slots.
 
     Attributes:
-        keys: one array per layer, ``[batch, n_head, max_length, head_dim]``.
-        values: one array per layer, ``[batch, n_head, max_length, head_dim]``.
+        keys: one array per layer, ``[batch, n_head, max_length, head_dim]``; for a model with
+            ``config.scan_layers`` one stacked array ``[n_layer, batch, n_head, max_length, head_dim]``.
+        values: like ``keys``.
         valid: ``[batch, max_length]`` bool; True where the slot holds a real token.
         index: ``[]`` int32; the next slot to write (shared by all rows).
         next_position: ``[batch]`` int32; the position id the row's next real token gets.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: tuple[jax.Array, ...] | jax.Array
+    values: tuple[jax.Array, ...] | jax.Array
     valid: jax.Array
     index: jax.Array
     next_position: jax.Array
@@ -51,9 +52,14 @@ class KVCache:
         if slots <= 0:
             raise ValueError(f"cache slots must be positive, got {slots}")
         shape = (batch_size, config.n_head, slots, config.head_dim)  # [batch, n_head, slots, head_dim]
+        if config.scan_layers:  # one stacked array [n_layer, batch, n_head, slots, head_dim]
+            keys, values = jnp.zeros((config.n_layer, *shape), dtype), jnp.zeros((config.n_layer, *shape), dtype)
+        else:
+            keys = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+            values = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
         return cls(
-            keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
-            values=tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer)),
+            keys=keys,
+            values=values,
             valid=jnp.zeros((batch_size, slots), bool),
             index=jnp.zeros((), jnp.int32),
             next_position=jnp.zeros((batch_size,), jnp.int32),
@@ -67,28 +73,40 @@ class KVCache:
     def max_length(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def stacked(self) -> bool:
+        """True when keys/values are one ``[n_layer, batch, ...]`` array each (a ``scan_layers`` model)."""
+        return not isinstance(self.keys, (tuple, list))
+
+    def map_kv(self, fn) -> "KVCache":
+        """The cache with ``fn(array, batch_axis)`` applied to every key/value array (``batch_axis`` is 1 for a
+        stacked cache, else 0)."""
+        if self.stacked:
+            return self.replace(keys=fn(self.keys, 1), values=fn(self.values, 1))
+        return self.replace(keys=tuple(fn(x, 0) for x in self.keys), values=tuple(fn(x, 0) for x in self.values))
+
+    def map_rows(self, fn) -> "KVCache":
+        """The cache with ``fn(array, batch_axis)`` applied to every per-row array (keys, values, ``valid``,
+        ``next_position``), e.g. to gather, repeat or slice rows whatever the layer layout."""
+        cache = self.map_kv(fn)
+        return cache.replace(valid=fn(self.valid, 0), next_position=fn(self.next_position, 0))
+
     def reorder(self, rows: jax.Array) -> "KVCache":
         """The cache with its rows gathered by ``rows`` (``[new_batch]`` int), e.g. to follow beam parents."""
-        take = lambda x: jnp.take(x, rows, axis=0)
-        return KVCache(
-            keys=tuple(map(take, self.keys)),
-            values=tuple(map(take, self.values)),
-            valid=take(self.valid),
-            index=self.index,
-            next_position=take(self.next_position),
-        )
+        return self.map_rows(lambda x, axis: jnp.take(x, rows, axis=axis))
 
 
-def write_slots(cache_array: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+def write_slots(cache_array: jax.Array, new: jax.Array, index: jax.Array, single_row_view: bool = False) -> jax.Array:
     """Write ``new`` ``[batch, n_head, T, head_dim]`` into slots ``[index, index + T)`` of a cache array.
 
-    With one row the update runs on the ``[n_head, S, head_dim]`` view, the layout attention's batched matmul
-    reads then: XLA (CPU) updates a loop-carried cache in place, where a 4-D update read through a reshape was
-    duplicated into two fusions, each copying the whole cache every decode step. With several rows the matmul
-    reads the 4-D array, and so does the update.
+    With ``single_row_view`` (:attr:`gpt2_jax.backend.Tuning.single_row_cache_view`) and one row, the update runs on
+    the ``[n_head, S, head_dim]`` view, the layout attention's batched matmul reads then: XLA (CPU) updates a
+    loop-carried cache in place, where a 4-D update read through a reshape was duplicated into two fusions, each
+    copying the whole cache every decode step. With several rows the matmul reads the 4-D array, and so does the
+    update.
     """
     new = new.astype(cache_array.dtype)
-    if cache_array.shape[0] == 1:
+    if single_row_view and cache_array.shape[0] == 1:
         return jax.lax.dynamic_update_slice(cache_array[0], new[0], (0, index, 0))[None]
     return jax.lax.dynamic_update_slice(cache_array, new, (0, 0, index, 0))
 
