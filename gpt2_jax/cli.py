@@ -11,6 +11,10 @@ import importlib
 import os
 import sys
 
+from .errors import CLIError  # re-exported: it lives below every CLI
+
+__all__ = ["CLIError", "COMMANDS", "build_parser", "main"]
+
 # subcommand -> module with register(subparsers)
 COMMANDS = {
     "generate": "gpt2_jax.generation.cli",
@@ -23,10 +27,6 @@ COMMANDS = {
     "info": "gpt2_jax.inspect.info",
     "bench": "gpt2_jax.inspect.bench",
 }
-
-
-class CLIError(Exception):
-    """A user error the CLI reports in one line (no traceback) with exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,7 +90,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``gpt2-jax train``."""
-    from ..cli import CLIError
+    from ..errors import CLIError
     from .loop import TrainConfig, TrainingError, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "distributed")}
