@@ -478,10 +478,27 @@ def init_params(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module] =
 
     Returns:
         The params pytree (a nested dict, no ``{'params': ...}`` wrapper).
+
+    The initialiser is traced and compiled once per ``(config, model_cls, param_dtype)`` and reused by later calls
+    (only ``key`` is an argument of the compiled program).
     """
+    param_dtype = jnp.dtype(param_dtype)  # jnp.float32, np.float32 and "float32" share one compiled initialiser
+    try:
+        hash(config)
+    except TypeError:  # a config with an unhashable field cannot be a static argument: compile for this call only
+        return jax.jit(lambda k: _init_params_traced(k, config, model_cls, param_dtype))(key)
+    return _init_params_jit(key, config, model_cls, param_dtype)
+
+
+def _init_params_traced(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module], param_dtype) -> dict:
+    """The body :func:`init_params` compiles: ``model_cls(config).init`` on a one-token input."""
     model = model_cls(config, param_dtype=param_dtype)
     ids = jnp.zeros((1, 1, 1) if model_cls is GPT2DoubleHeadsModel else (1, 1), jnp.int32)
-    return jax.jit(lambda k: model.init(k, ids)["params"])(key)
+    return model.init(key, ids)["params"]
+
+
+# One jit whose cache is keyed on the static (config, model class, param dtype): one trace per architecture.
+_init_params_jit = jax.jit(_init_params_traced, static_argnums=(1, 2, 3))
 
 
 def count_params(params) -> int:
