@@ -26,7 +26,6 @@ import hashlib
 import importlib.resources
 import json
 import os
-import tempfile
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import tiktoken
+
+from .atomic import atomic_write_path
 
 __all__ = [
     "GPT2_PATTERN",
@@ -282,17 +283,10 @@ def ranks_to_merges(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (:func:`gpt2_jax.atomic.atomic_write_path`: a temporary file beside
+    it, fsynced, given the mode ``0o666 & ~umask`` and renamed into place)."""
+    with atomic_write_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
 
 
 # --------------------------------------------------------------------------- batch output

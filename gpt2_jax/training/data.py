@@ -211,6 +211,7 @@ def load_or_tokenize(
     if cache_dir is None:
         import tempfile
 
+        # A private scratch directory in the shared temporary directory: 0700 on purpose (not an artefact).
         cache_dir = tempfile.mkdtemp(prefix="gpt2-jax-tokens-")
     out = Path(cache_dir) / (paths[0].stem + ".bin")
     stamp_file = out.with_name(out.name + ".sources")
