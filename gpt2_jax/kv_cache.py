@@ -120,9 +120,10 @@ def advance(cache: KVCache, keys, values, token_mask: jax.Array) -> KVCache:
         token_mask: ``[batch, T]`` bool, True for the real tokens among the ``T`` just written.
     """
     valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+    stacked = not isinstance(keys, (tuple, list))  # one [n_layer, ...] array (scan_layers) or one per layer
     return KVCache(
-        keys=tuple(keys),
-        values=tuple(values),
+        keys=keys if stacked else tuple(keys),
+        values=values if stacked else tuple(values),
         valid=valid,
         index=cache.index + token_mask.shape[1],
         next_position=cache.next_position + token_mask.sum(axis=1, dtype=jnp.int32),

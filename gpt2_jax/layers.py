@@ -6,6 +6,7 @@ kernels are ``[in, out]`` like Hugging Face's ``Conv1D``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -13,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import write_slots
 
@@ -68,6 +70,8 @@ class Dense(nn.Module):
 
     Computes like ``flax.linen.Dense``. When the variables carry the kernel transposed in the
     :data:`KERNELS_OUT_IN` collection, it reads that one instead (the ``params`` kernel is then not needed).
+    Either kernel may be an int8 :class:`~gpt2_jax.precision.QuantizedArray` (per-output-channel scales): the
+    int8 values are converted to ``dtype`` inside the matmul and its output channels scaled.
     """
 
     features: int
@@ -77,14 +81,25 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        from .precision import is_quantized  # a leaf module; imported here to keep layers' imports unchanged
+
         x = x.astype(self.dtype)
+        quantized = None
         if self.has_variable(KERNELS_OUT_IN, "kernel"):
             kernel_t = self.get_variable(KERNELS_OUT_IN, "kernel")  # [out, in]
-            y = jnp.einsum("...i,oi->...o", x, kernel_t.astype(self.dtype))
+            if is_quantized(kernel_t):
+                quantized = (kernel_t, "...i,oi->...o")
+            else:
+                y = jnp.einsum("...i,oi->...o", x, kernel_t.astype(self.dtype))
+        elif self.has_variable("params", "kernel") and is_quantized(self.get_variable("params", "kernel")):
+            quantized = (self.get_variable("params", "kernel"), "...i,io->...o")  # [in, out]
         else:
             kernel = self.param("kernel", nn.initializers.normal(self.std), (x.shape[-1], self.features),
                                 self.param_dtype)
             y = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+        if quantized is not None:  # int8 values converted inside the matmul, one scale per output channel
+            kernel, spec = quantized
+            y = jnp.einsum(spec, x, kernel.q.astype(self.dtype)) * kernel.scale.reshape(-1).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return y + bias.astype(self.dtype)
 
@@ -94,60 +109,152 @@ def dense(features: int, std: float, dtype, param_dtype, name: str) -> Dense:
     return Dense(features, std, dtype, param_dtype, name=name)
 
 
+# Gradient cut (a CPU tuning, :attr:`gpt2_jax.backend.Tuning.cut_block_gradients`) --------------------------------
+# XLA's CPU compiler fuses the backward residual stream (a chain of elementwise adds through every block) into each
+# consumer that needs it transposed for a weight-gradient matmul, recomputing the chain from the top for every
+# layer: O(n_layer^2) work, ~40% of a gpt2 training step on CPU. optimization_barrier is stripped before fusion on
+# CPU, but a conditional is a fusion boundary that survives: the backward of each block output goes through a
+# `lax.cond` whose branches are both the identity, so every block's residual gradient is materialised once.
+@jax.custom_vjp
+def cut_gradient(x):
+    """The identity; its gradient is materialised once (a fusion boundary for XLA CPU's backward pass)."""
+    return x
+
+
+def _cut_gradient_fwd(x):
+    return x, None
+
+
+def _cut_gradient_bwd(_, g):
+    first = g.reshape(-1)[0]
+    return (jax.lax.cond(first == first, lambda t: t, lambda t: t * 1, g),)  # identity either way (NaN too)
+
+
+cut_gradient.defvjp(_cut_gradient_fwd, _cut_gradient_bwd)
+
+
+def attention_scale(config: GPT2Config, layer_idx) -> float | jax.Array:
+    """The factor on ``q . k``: ``1/sqrt(head_dim)`` (if ``scale_attn_weights``) and ``1/(layer_idx + 1)`` (if
+    ``scale_attn_by_inverse_layer_idx``). A Python float for a Python ``layer_idx``, else a traced scalar."""
+    scale = 1.0 / math.sqrt(config.head_dim) if config.scale_attn_weights else 1.0
+    if config.scale_attn_by_inverse_layer_idx:
+        if isinstance(layer_idx, int):
+            return scale / float(layer_idx + 1)
+        return scale / (jnp.asarray(layer_idx, jnp.float32) + 1.0)
+    return scale
+
+
+def attention_probs(q, k, visible, scale, *, upcast: bool = False) -> jax.Array:
+    """Softmax attention probabilities, the softmax always in float32.
+
+    Args:
+        q: ``[batch, T, n_head, head_dim]``; k: ``[batch, S, n_head, head_dim]``.
+        visible: ``[batch, 1, T, S]`` bool, or None for full visibility.
+        scale: Python float or traced scalar multiplying ``q . k``.
+        upcast: compute the scores in float32 (Hugging Face's ``reorder_and_upcast_attn``).
+
+    Returns:
+        ``probs [batch, n_head, T, S]`` in k's dtype.
+    """
+    score_dtype = jnp.float32 if upcast else q.dtype
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(score_dtype), k.astype(score_dtype)) * scale
+    scores = scores.astype(jnp.float32)  # [batch, n_head, T, S]
+    if visible is not None:
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(k.dtype)
+
+
+def fused_attention(q, k, v, visible, scale, *, causal_only: bool, implementation: str):
+    """:func:`jax.nn.dot_product_attention` (no probabilities materialised for the caller).
+
+    ``implementation`` is ``'xla'`` or ``'cudnn'`` (flash attention on NVIDIA GPUs; where cuDNN refuses the shapes
+    or dtypes, the XLA implementation runs instead). ``causal_only`` says that ``visible`` is exactly the causal
+    mask (no padding, no cache), which lets cuDNN skip the masked blocks.
+
+    Shapes: ``q [batch, T, n_head, head_dim]``, ``k, v [batch, S, n_head, head_dim]`` -> ``[batch, T, n_head,
+    head_dim]``.
+    """
+    if not isinstance(scale, float):  # a traced per-layer scale (scan over layers): fold it into q
+        q, scale = (q.astype(jnp.float32) * scale).astype(q.dtype), 1.0
+    mask = None if causal_only else visible
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal_only,
+                                                implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError, TypeError):
+            pass  # shapes, dtype or device cuDNN does not take: the XLA implementation below
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal_only, implementation="xla")
+
+
 class GPT2Attention(nn.Module):
-    """Causal multi-head self-attention (``c_attn`` -> heads -> ``c_proj``), optionally over a KV cache."""
+    """Causal multi-head self-attention (``c_attn`` -> heads -> ``c_proj``), optionally over a KV cache.
+
+    Variants override :meth:`position_qk` (e.g. rotary position embeddings) or the whole module
+    (:func:`register_variant`).
+    """
 
     config: GPT2Config
-    layer_idx: int
+    tuning: Tuning
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    deterministic: bool = True
+    output_attentions: bool = False
+    causal_only: bool = False  # `visible` is the plain causal mask (no padding, no cache)
+
+    def position_qk(self, q: jax.Array, k: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Where a variant injects positions into queries and keys (``[batch, T, n_head, head_dim]`` each,
+        ``positions [batch, T]``). GPT-2's positions are learned and added to the embeddings: the identity."""
+        return q, k
 
     @nn.compact
-    def __call__(self, x, visible, layer_cache=None, cache_index=None, head_mask=None, deterministic=True):
+    def __call__(self, x, positions, visible, layer_idx, layer_cache=None, cache_index=None, head_mask=None):
         """
         Args:
             x: ``[batch, T, n_embd]``.
+            positions: ``[batch, T]`` int32 position of each token.
             visible: ``[batch, 1, T, S]`` bool, which key slot each query may attend to.
+            layer_idx: this block's index (a Python int, or a traced scalar under ``scan_layers``).
             layer_cache: ``(keys, values)`` of this layer, each ``[batch, n_head, S, head_dim]``, or None.
             cache_index: ``[]`` int32 slot where the T new keys are written (with ``layer_cache``).
             head_mask: ``[n_head]`` multipliers of the attention probabilities, or None.
 
         Returns:
-            ``(out [batch, T, n_embd], probs [batch, n_head, T, S], new layer_cache or None)``.
+            ``(out [batch, T, n_embd], probs [batch, n_head, T, S] or None, new layer_cache or None)``.
         """
         cfg = self.config
         batch, length, _ = x.shape
         resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
         qkv = dense(3 * cfg.n_embd, cfg.initializer_range, self.dtype, self.param_dtype, "c_attn")(x)
-        # [batch, T, 3 * n_embd] -> 3 x [batch, n_head, T, head_dim]
-        q, k, v = (
-            t.reshape(batch, length, cfg.n_head, cfg.head_dim).transpose(0, 2, 1, 3)
-            for t in jnp.split(qkv, 3, axis=-1)
-        )
+        # [batch, T, 3 * n_embd] -> 3 x [batch, T, n_head, head_dim]
+        q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        q, k = self.position_qk(q, k, positions)
+        new_cache = None
         if layer_cache is not None:
-            k = write_slots(layer_cache[0], k, cache_index)  # [batch, n_head, S, head_dim]
-            v = write_slots(layer_cache[1], v, cache_index)
-            new_cache = (k, v)
-        else:
-            new_cache = None
+            to_cache = lambda t: t.transpose(0, 2, 1, 3)  # [batch, T, n_head, head_dim] -> [batch, n_head, T, hd]
+            single_row = self.tuning.single_row_cache_view
+            keys = write_slots(layer_cache[0], to_cache(k), cache_index, single_row)  # [batch, n_head, S, hd]
+            values = write_slots(layer_cache[1], to_cache(v), cache_index, single_row)
+            new_cache = (keys, values)
+            k, v = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, S, n_head, head_dim]
 
-        scale = 1.0
-        if cfg.scale_attn_weights:
-            scale /= math.sqrt(cfg.head_dim)
-        if cfg.scale_attn_by_inverse_layer_idx:
-            scale /= float(self.layer_idx + 1)
-        score_dtype = jnp.float32 if cfg.reorder_and_upcast_attn else q.dtype
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(score_dtype), k.astype(score_dtype)) * scale
-        scores = scores.astype(jnp.float32)  # [batch, n_head, T, S]; softmax always in float32
-        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=deterministic)
-        if head_mask is not None:
-            probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(batch, length, cfg.n_embd)
+        scale = attention_scale(cfg, layer_idx)
+        dropout_on = cfg.attn_pdrop > 0 and not self.deterministic
+        explicit = (self.output_attentions or head_mask is not None or dropout_on or cfg.reorder_and_upcast_attn
+                    or self.tuning.attention == "explicit")
+        probs = None
+        if explicit:
+            probs = attention_probs(q, k, visible, scale, upcast=cfg.reorder_and_upcast_attn)
+            probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=self.deterministic)
+            if head_mask is not None:
+                probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(probs.dtype))  # [batch, T, n_head, head_dim]
+        else:
+            out = fused_attention(q, k, v, visible, scale, causal_only=self.causal_only,
+                                  implementation=self.tuning.attention)
+        out = out.reshape(batch, length, cfg.n_embd)  # [batch, T, n_head, head_dim] -> [batch, T, n_embd]
         out = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(out)
-        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=deterministic)
-        return out, probs, new_cache
+        out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=self.deterministic)
+        return out, (probs if self.output_attentions else None), new_cache
 
 
 class GPT2MLP(nn.Module):
@@ -156,57 +263,181 @@ class GPT2MLP(nn.Module):
     config: GPT2Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, deterministic=True):
+    def __call__(self, x):
         cfg = self.config
         resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
         h = dense(cfg.inner_dim, cfg.initializer_range, self.dtype, self.param_dtype, "c_fc")(x)
         h = ACTIVATION_FNS[cfg.activation_function](h)  # [batch, T, n_inner]
         h = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(h)
-        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+        return nn.Dropout(cfg.resid_pdrop)(h, deterministic=self.deterministic)
 
 
 class GPT2Block(nn.Module):
-    """Pre-norm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
+    """Pre-norm transformer block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``.
+
+    The attention and MLP classes come from the config's variant (:func:`register_variant`). The call signature is
+    the one ``nn.scan`` needs: ``(x, per-layer inputs...) -> (x, per-layer outputs)``.
+    """
 
     config: GPT2Config
-    layer_idx: int
+    tuning: Tuning
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    deterministic: bool = True
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    causal_only: bool = False
 
     @nn.compact
-    def __call__(self, x, visible, layer_cache=None, cache_index=None, head_mask=None, deterministic=True):
+    def __call__(self, x, positions, visible, layer_idx, layer_cache=None, cache_index=None, head_mask=None):
+        """``x [batch, T, n_embd]`` (other arguments as :class:`GPT2Attention`) -> ``(x, (hidden or None, probs or
+        None, layer_cache or None))``; ``hidden`` is the block output when ``output_hidden_states``."""
         cfg = self.config
+        variant = get_variant(cfg.variant)
         norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name=name)
-        attn = GPT2Attention(cfg, self.layer_idx, self.dtype, self.param_dtype, name="attn")
-        attn_out, probs, layer_cache = attn(norm("ln_1")(x), visible, layer_cache, cache_index, head_mask, deterministic)
+        attn = variant.attention(cfg, self.tuning, self.dtype, self.param_dtype, self.deterministic,
+                                 self.output_attentions, self.causal_only, name="attn")
+        attn_out, probs, layer_cache = attn(norm("ln_1")(x), positions, visible, layer_idx, layer_cache,
+                                            cache_index, head_mask)
         x = x + attn_out
-        x = x + GPT2MLP(cfg, self.dtype, self.param_dtype, name="mlp")(norm("ln_2")(x), deterministic)
-        return x, probs, layer_cache
+        x = x + variant.mlp(cfg, self.dtype, self.param_dtype, self.deterministic, name="mlp")(norm("ln_2")(x))
+        if self.tuning.cut_block_gradients:
+            x = cut_gradient(x)
+        return x, (x if self.output_hidden_states else None, probs, layer_cache)
+
+
+#: ``remat_policy`` values: what a rematerialised block keeps from its forward pass for the backward pass.
+#: ``none``: no remat (keep every activation); ``full``: keep only the block input (recompute the whole block);
+#: ``dots_saveable``: keep every matmul output (recompute elementwise ops); ``minimal``: keep the weight matmuls'
+#: outputs, recompute attention's batched matmuls and elementwise ops (MaxText's "minimal").
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(name: str) -> str:
+    """``name`` if it is one of :data:`REMAT_POLICIES`, else a ValueError listing them."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {name!r} is not one of {', '.join(REMAT_POLICIES)}")
+    return name
 
 
 class GPT2BlockStack(nn.Module):
-    """The ``n_layer`` blocks, named ``0 .. n_layer-1`` so params read ``h/<i>/...``."""
+    """The ``n_layer`` blocks, named ``0 .. n_layer-1`` so params read ``h/<i>/...`` (unrolled), or one block
+    under ``nn.scan`` with params stacked ``[n_layer, ...]`` directly under ``h/`` (``config.scan_layers``).
+
+    Built inside the model's compact method (see :meth:`gpt2_jax.model._GPT2Base.transformer`), which names it
+    ``h`` in both cases.
+    """
 
     config: GPT2Config
+    tuning: Tuning
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    deterministic: bool = True
+    output_attentions: bool = False
+    output_hidden_states: bool = False
+    causal_only: bool = False
+    remat_policy: str = "none"
 
     @nn.compact
-    def __call__(self, x, visible, cache=None, head_mask=None, deterministic=True):
-        """Returns ``(x, per-block outputs, per-layer attention probs, (keys, values) or None)``."""
+    def __call__(self, x, positions, visible, cache=None, head_mask=None):
+        """Returns ``(x, per-block outputs, per-layer attention probs, (keys, values) or None)``; the last three
+        are tuples over layers (``keys``/``values`` as the cache holds them), empty when not requested."""
+        cfg = self.config
+        block_cls = remat_block(get_variant(cfg.variant).block, self.remat_policy)
+        fields = dict(config=cfg, tuning=self.tuning, dtype=self.dtype, param_dtype=self.param_dtype,
+                      deterministic=self.deterministic, output_attentions=self.output_attentions,
+                      output_hidden_states=self.output_hidden_states, causal_only=self.causal_only)
+        cache_index = cache.index if cache is not None else None
         block_outputs, attentions, keys, values = [], [], [], []
-        for i in range(self.config.n_layer):
+        for i in range(cfg.n_layer):
             layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
             layer_head_mask = head_mask[i] if head_mask is not None else None
-            block = GPT2Block(self.config, i, self.dtype, self.param_dtype, name=str(i))
-            x, probs, layer_cache = block(
-                x, visible, layer_cache, cache.index if cache is not None else None, layer_head_mask, deterministic
-            )
-            block_outputs.append(x)
+            x, (hidden, probs, layer_cache) = block_cls(**fields, name=str(i))(
+                x, positions, visible, i, layer_cache, cache_index, layer_head_mask)
+            block_outputs.append(hidden)
             attentions.append(probs)
             if layer_cache is not None:
                 keys.append(layer_cache[0])
                 values.append(layer_cache[1])
-        return x, block_outputs, attentions, ((keys, values) if cache is not None else None)
+        kv = (tuple(keys), tuple(values)) if cache is not None else None
+        return x, tuple(block_outputs), tuple(attentions), kv
+
+
+def remat_block(block_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+    """``block_cls`` wrapped in ``nn.remat`` with the named :data:`REMAT_POLICIES` policy (``none``: unchanged)."""
+    if check_remat_policy(policy) == "none":
+        return block_cls
+    return nn.remat(block_cls, policy=REMAT_POLICIES[policy])
+
+
+def scanned_blocks(x, positions, visible, cache, head_mask, *, fields: dict, remat_policy: str, name: str = "h"):
+    """The blocks under ``nn.scan`` (params stacked ``[n_layer, ...]``), called from a compact method.
+
+    Same inputs and outputs as :class:`GPT2BlockStack`; a stacked cache (``keys [n_layer, batch, n_head, S,
+    head_dim]``) is scanned over its layer axis, per-layer outputs come back stacked and are split into tuples.
+    """
+    cfg = fields["config"]
+    block_cls = remat_block(get_variant(cfg.variant).block, remat_policy)
+    scan = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, 0),
+        length=cfg.n_layer,
+    )
+    layer_cache = (cache.keys, cache.values) if cache is not None else None
+    cache_index = cache.index if cache is not None else None
+    layer_idx = jnp.arange(cfg.n_layer, dtype=jnp.int32)
+    x, (hidden, probs, kv) = scan(**fields, name=name)(
+        x, positions, visible, layer_idx, layer_cache, cache_index, head_mask)
+    split = lambda stacked: () if stacked is None else tuple(stacked)  # [n_layer, ...] -> n_layer arrays
+    return x, split(hidden), split(probs), kv
+
+
+# Variants ------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """The module classes of an architecture variant, selected by ``GPT2Config.variant``.
+
+    Attributes:
+        attention: the attention module (constructor and call as :class:`GPT2Attention`).
+        mlp: the MLP module (as :class:`GPT2MLP`).
+        block: the block module (as :class:`GPT2Block`).
+        learned_positions: add the learned ``wpe`` table to the embeddings (False: the model has no ``wpe``;
+            positions reach attention only, e.g. rotary embeddings).
+    """
+
+    attention: type = GPT2Attention
+    mlp: type = GPT2MLP
+    block: type = GPT2Block
+    learned_positions: bool = True
+
+
+VARIANTS: dict[str, Variant] = {"gpt2": Variant()}
+
+
+def register_variant(name: str, **modules: Any) -> Variant:
+    """Register (or replace) a variant: ``register_variant("rotary", attention=RotaryAttention,
+    learned_positions=False)``; then ``GPT2Config(variant="rotary")`` builds, trains and generates with it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a variant needs a non-empty name, got {name!r}")
+    if name == "gpt2":
+        raise ValueError("the 'gpt2' variant is the released architecture and cannot be replaced")
+    VARIANTS[name] = variant = Variant(**modules)
+    return variant
+
+
+def get_variant(name: str) -> Variant:
+    """The registered :class:`Variant` called ``name``."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown model variant {name!r}; registered: {', '.join(VARIANTS)}") from None

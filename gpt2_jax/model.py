@@ -27,9 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from . import backend
+from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import KVCache, advance
-from .layers import GPT2BlockStack, LayerNorm, dense
+from .layers import GPT2BlockStack, LayerNorm, check_remat_policy, dense, get_variant, scanned_blocks
 from .losses import IGNORE_INDEX, causal_lm_loss, cross_entropy
 
 Dtype = Any
@@ -122,13 +124,47 @@ def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -
     return jnp.where(mask > 0, positions, 0)
 
 
+def visibility(token_mask: jax.Array, cache: KVCache | None = None) -> jax.Array:
+    """Which key slot each query may attend to: causal and not padding. A pure function of the masks.
+
+    Args:
+        token_mask: ``[batch, T]`` bool, True for the real tokens of the input.
+        cache: the cache the input is written into (at ``cache.index``), or None.
+
+    Returns:
+        ``visible [batch, 1, T, S]`` bool (``S = T`` without a cache, ``cache.max_length`` with one).
+    """
+    length = token_mask.shape[1]
+    if cache is None:
+        slot_valid, query_slot, key_slot = token_mask, jnp.arange(length), jnp.arange(length)
+    else:
+        slot_valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
+        query_slot = cache.index + jnp.arange(length)
+        key_slot = jnp.arange(cache.max_length)
+    causal = key_slot[None, :] <= query_slot[:, None]  # [T, S]
+    return (causal[None, :, :] & slot_valid[:, None, :])[:, None]  # [batch, 1, T, S]
+
+
 # Models --------------------------------------------------------------------------------------------------------
 class _GPT2Base(nn.Module):
-    """The transformer shared by every GPT-2 head: embeddings, blocks and the final layer norm."""
+    """The transformer shared by every GPT-2 head: embeddings, blocks and the final layer norm.
+
+    Attributes:
+        config: the architecture (``config.scan_layers`` stacks the blocks under ``nn.scan``; ``config.variant``
+            picks the block, attention and MLP classes, :func:`gpt2_jax.layers.register_variant`).
+        dtype: activation / matmul dtype.
+        param_dtype: dtype of freshly initialised params.
+        tuning: backend formulation choices (:class:`gpt2_jax.backend.Tuning`); None: the defaults of JAX's
+            default backend (:func:`gpt2_jax.backend.tuning_for`).
+        remat_policy: rematerialise each block in the backward pass
+            (:data:`gpt2_jax.layers.REMAT_POLICIES`: ``none``, ``full``, ``dots_saveable``, ``minimal``).
+    """
 
     config: GPT2Config
     dtype: Dtype = jnp.float32  # activation / matmul dtype
     param_dtype: Dtype = jnp.float32
+    tuning: Tuning | None = None
+    remat_policy: str = "none"
 
     def setup(self):
         cfg = self.config
@@ -137,11 +173,12 @@ class _GPT2Base(nn.Module):
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
         self.wte = embed(cfg.vocab_size)
-        self.wpe = embed(cfg.n_positions)
+        if get_variant(cfg.variant).learned_positions:
+            self.wpe = embed(cfg.n_positions)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.h = GPT2BlockStack(cfg, self.dtype, self.param_dtype)
         self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype)
 
+    @nn.compact
     def transformer(
         self,
         input_ids=None,
@@ -196,7 +233,8 @@ class _GPT2Base(nn.Module):
         else:
             position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (batch, length))
             _check_ids("position_ids", position_ids, cfg.n_positions)
-        hidden = hidden + self.wpe(position_ids)
+        if get_variant(cfg.variant).learned_positions:
+            hidden = hidden + self.wpe(position_ids)
         if token_type_ids is not None:
             token_type_ids = jnp.broadcast_to(jnp.asarray(token_type_ids), (batch, length))
             _check_ids("token_type_ids", token_type_ids, cfg.vocab_size)
@@ -204,19 +242,26 @@ class _GPT2Base(nn.Module):
         hidden = self.drop(hidden, deterministic=deterministic)
         embedded = hidden
 
-        # visible[b, 0, t, s]: query t may attend to key slot s (causal and not padding).
-        if cache is None:
-            slot_valid, query_slot = token_mask, jnp.arange(length)
-            key_slot = jnp.arange(length)
-        else:
-            slot_valid = jax.lax.dynamic_update_slice(cache.valid, token_mask, (0, cache.index))
-            query_slot = cache.index + jnp.arange(length)
-            key_slot = jnp.arange(cache.max_length)
-        causal = key_slot[None, :] <= query_slot[:, None]  # [T, S]
-        visible = (causal[None, :, :] & slot_valid[:, None, :])[:, None]  # [batch, 1, T, S]
-
+        visible = visibility(token_mask, cache)  # [batch, 1, T, S]
         head_mask = _normalize_head_mask(head_mask, cfg)
-        hidden, block_outputs, attentions, kv = self.h(embedded, visible, cache, head_mask, deterministic)
+        if cache is not None and cache.stacked != cfg.scan_layers:
+            raise ValueError(
+                f"the cache is {'stacked' if cache.stacked else 'per layer'} but the model has "
+                f"scan_layers={cfg.scan_layers}; build it with KVCache.init(config, ...) for this config"
+            )
+        fields = dict(
+            config=cfg, tuning=self.tuning if self.tuning is not None else backend.tuning_for(),
+            dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            causal_only=attention_mask is None and cache is None,
+        )
+        remat_policy = check_remat_policy(self.remat_policy)
+        if cfg.scan_layers:
+            hidden, block_outputs, attentions, kv = scanned_blocks(
+                embedded, position_ids, visible, cache, head_mask, fields=fields, remat_policy=remat_policy)
+        else:
+            hidden, block_outputs, attentions, kv = GPT2BlockStack(**fields, remat_policy=remat_policy, name="h")(
+                embedded, position_ids, visible, cache, head_mask)
         hidden = self.ln_f(hidden)
         new_cache = advance(cache, kv[0], kv[1], token_mask) if cache is not None else None
         return GPT2Output(
