@@ -21,6 +21,7 @@ from gpt2_jax.model import (
     init_params,
 )
 from gpt2_jax.checkpoints.hf_mapping import params_to_state_dict
+from gpt2_jax.stacking import params_for, unstack_layers
 from hf_reference import hf_model, to_numpy, to_torch
 
 TINY = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
@@ -37,7 +38,10 @@ GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
 
 
 def random_params(config: GPT2Config, seed: int = 0, model_cls=GPT2LMHeadModel):
-    """Params with every leaf random (layer-norm scales around 1), large enough to make activations O(1)."""
+    """Params with every leaf random (layer-norm scales around 1), large enough to make activations O(1); stacked
+    when ``config.scan_layers`` (the same values as the per-layer tree)."""
+    if config.scan_layers:
+        return params_for(config, random_params(config.replace(scan_layers=False), seed, model_cls))
     params = init_params(jax.random.PRNGKey(seed), config, model_cls)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     rng = np.random.default_rng(seed)
@@ -65,9 +69,12 @@ def _ids(config, shape, seed=1):
     return np.random.default_rng(seed).integers(0, config.vocab_size, shape).astype(np.int32)
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=[(name, scan) for scan in (False, True) for name in CONFIGS],
+                ids=lambda p: p[0] + ("-scan" if p[1] else ""))
 def setup(request):
-    config = CONFIGS[request.param]
+    """Every config unrolled and with ``scan_layers`` (params stacked; the parity suite is otherwise the same)."""
+    name, scan = request.param
+    config = CONFIGS[name].replace(scan_layers=scan)
     params = random_params(config)
     return config, params, hf_model(params, config)
 
@@ -182,10 +189,11 @@ def test_head_mask(setup):
     head_mask[layer, head] = 0.0
     masked = model.apply({"params": params}, ids, head_mask=head_mask, output_attentions=True)
     assert np.all(np.asarray(masked.attentions[layer])[:, head] == 0)
-    edited = jax.tree_util.tree_map(lambda x: x, params)
-    kernel = np.array(params["h"][str(layer)]["attn"]["c_proj"]["kernel"])
+    edited = unstack_layers(jax.tree_util.tree_map(lambda x: x, params))
+    kernel = np.array(edited["h"][str(layer)]["attn"]["c_proj"]["kernel"])
     kernel[head * config.head_dim:(head + 1) * config.head_dim] = 0
     edited["h"][str(layer)]["attn"]["c_proj"]["kernel"] = jnp.asarray(kernel)
+    edited = params_for(config, edited)
     assert_close(masked.logits, model.apply({"params": edited}, ids).logits, "head mask vs zeroed projection")
     assert not np.allclose(np.asarray(masked.logits), np.asarray(plain), atol=1e-4)
 

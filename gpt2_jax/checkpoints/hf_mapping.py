@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import GPT2Config
 from ..model import GPT2DoubleHeadsModel, GPT2ForSequenceClassification, GPT2LMHeadModel
+from ..stacking import params_for, unstack_layers
 from .safetensors_io import CheckpointError
 
 Path = tuple[str, ...]
@@ -61,8 +62,11 @@ def model_class_for(params_or_names) -> type[nn.Module]:
 
 
 def expected_shapes(config: GPT2Config, model_cls: type[nn.Module] = GPT2LMHeadModel) -> dict[Path, tuple]:
-    """Every param path of ``model_cls`` for ``config`` with its shape (computed abstractly: no memory)."""
-    model = model_cls(config)
+    """Every param path of ``model_cls`` for ``config`` with its shape (computed abstractly: no memory).
+
+    Always the per-layer paths (``h/<i>/...``), whatever ``config.scan_layers``: checkpoints are per layer.
+    """
+    model = model_cls(config.replace(scan_layers=False))
     ids = jnp.zeros((1, 1, 1) if model_cls is GPT2DoubleHeadsModel else (1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids)["params"])
     flat = jax.tree_util.tree_flatten_with_path(shapes)[0]
@@ -87,7 +91,8 @@ def state_dict_to_params(
         state_dict: name -> array, with or without the ``transformer.`` prefix, with or without
             ``lm_head.weight``; from ``GPT2Model``, ``GPT2LMHeadModel``, ``GPT2DoubleHeadsModel`` or
             ``GPT2ForSequenceClassification``.
-        config: the architecture the params must fit.
+        config: the architecture the params must fit (with ``scan_layers`` the result is stacked,
+            :func:`gpt2_jax.stacking.stack_layers`).
         convert: applied to each (transposed where needed) array, e.g. to cast or to move to a device.
         model_cls: the head to load; by default deduced from the names.
 
@@ -141,14 +146,16 @@ def state_dict_to_params(
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         noun = "problem" if len(problems) == 1 else "problems"
         raise CheckpointError(f"checkpoint does not match the GPT-2 config ({len(problems)} {noun}):\n  {shown}")
-    return params
+    return params_for(config, params)
 
 
 def params_to_state_dict(params: Mapping, convert: Callable[[object], np.ndarray] = np.asarray) -> dict[str, np.ndarray]:
     """Our params -> a Hugging Face state dict (``transformer.``-prefixed; heads as ``nn.Linear`` weights).
 
-    ``lm_head.weight`` is not written: Hugging Face ties it to ``transformer.wte.weight`` on load.
+    ``lm_head.weight`` is not written: Hugging Face ties it to ``transformer.wte.weight`` on load. Stacked
+    (``scan_layers``) params are written per layer, as every checkpoint is.
     """
+    params = unstack_layers(params)
     state: dict[str, np.ndarray] = {}
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         path = tuple(k.key for k in key_path)
