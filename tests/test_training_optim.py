@@ -277,8 +277,11 @@ def test_block_gradient_cut_changes_nothing_but_the_program():
     """The CPU workaround (a conditional on each block's output gradient) is present and value-preserving."""
     params = random_params()
     tokens = jnp.asarray(batch())
-    with_cut = jax.value_and_grad(make_loss_fn(CONFIG, dropout=False, cut_block_gradients=True))
-    without = jax.value_and_grad(make_loss_fn(CONFIG, dropout=False, cut_block_gradients=False))
+    from gpt2_jax.backend import PLATFORM_DEFAULTS
+
+    cpu = PLATFORM_DEFAULTS["cpu"]  # the two programs differ in the cut only
+    with_cut = jax.value_and_grad(make_loss_fn(CONFIG, dropout=False, tuning=cpu.replace(cut_block_gradients=True)))
+    without = jax.value_and_grad(make_loss_fn(CONFIG, dropout=False, tuning=cpu.replace(cut_block_gradients=False)))
     hlo_cut = jax.jit(with_cut).lower(params, tokens, None).as_text()
     hlo_plain = jax.jit(without).lower(params, tokens, None).as_text()
     assert hlo_cut.count("stablehlo.case") == CONFIG.n_layer + 1 and "stablehlo.case" not in hlo_plain  # + logits

@@ -15,21 +15,26 @@
   is incremented and ``metrics['finite']`` is 0. The step counter still advances (the batch is consumed), while
   the learning-rate schedule, which counts applied updates, does not. The training loop stops with an error
   after too many consecutive skips (see :mod:`gpt2_jax.training.loop`).
+- Backend tuning (:class:`gpt2_jax.backend.Tuning`, default: the platform the step runs on): with
+  ``cut_block_gradients`` (the CPU default) the model cuts each block's output gradient and the step cuts the
+  logits' gradient (:func:`gpt2_jax.layers.cut_gradient`, an identity whose backward is a fusion boundary: XLA's
+  CPU fusion otherwise recomputes the backward residual chain quadratically). Values are unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from .. import backend
+from ..backend import Tuning
 from ..config import GPT2Config
+from ..layers import cut_gradient
 from ..losses import cross_entropy
 from ..model import GPT2LMHeadModel
 from .optim import global_norm
@@ -64,57 +69,36 @@ def _has_dropout(config: GPT2Config) -> bool:
     return max(config.resid_pdrop, config.embd_pdrop, config.attn_pdrop) > 0
 
 
-# Gradient cut between blocks (a CPU performance workaround) -----------------------------------------------------
-# XLA's CPU compiler fuses the backward residual stream (a chain of elementwise adds through every block) into each
-# consumer that needs it transposed for a weight-gradient matmul, recomputing the chain from the top for every
-# layer: O(n_layer^2) work, ~40% of a gpt2 training step on CPU. optimization_barrier is stripped before fusion on
-# CPU, but a conditional is a fusion boundary that survives: the backward of each block output goes through a
-# `lax.cond` whose branches are both the identity, so every block's residual gradient is materialised once. The
-# logits' gradient gets the same treatment (else the softmax gradient is recomputed inside both LM-head matmuls'
-# operands; ~4% of a step). Values are unchanged; it is enabled by default on the CPU backend only.
-@jax.custom_vjp
-def _cut_gradient(x):
-    return x
-
-
-def _cut_gradient_fwd(x):
-    return x, None
-
-
-def _cut_gradient_bwd(_, g):
-    first = g.reshape(-1)[0]
-    return (jax.lax.cond(first == first, lambda t: t, lambda t: t * 1, g),)  # identity either way (NaN too)
-
-
-_cut_gradient.defvjp(_cut_gradient_fwd, _cut_gradient_bwd)
-
-
-def _cut_block_outputs(next_fun, args, kwargs, context):
-    """``nn.intercept_methods`` hook: pass each GPT-2 block's output hidden state through :func:`_cut_gradient`."""
-    out = next_fun(*args, **kwargs)
-    if type(context.module).__name__ == "GPT2Block" and context.method_name == "__call__":
-        return (_cut_gradient(out[0]), *out[1:])
-    return out
+def _sharding_platform(*shardings) -> str | None:
+    """The platform (``'cpu'``, ``'gpu'``, ``'tpu'``) of the devices of the first sharding found in ``shardings``
+    (pytrees of :class:`jax.sharding.Sharding`), or None when there is none."""
+    for tree in shardings:
+        leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        for leaf in leaves:
+            if isinstance(leaf, jax.sharding.Sharding):
+                platform = next(iter(leaf.device_set)).platform
+                return "gpu" if platform in ("cuda", "rocm") else platform
+    return None
 
 
 def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = True,
-                 cut_block_gradients: bool | None = None) -> Callable:
+                 tuning: Tuning | None = None) -> Callable:
     """``loss(params, tokens [B, T + 1], key) -> []`` float32 mean next-token cross-entropy.
 
-    ``cut_block_gradients`` (default: on the CPU backend) materialises each block's residual gradient once in the
-    backward pass, avoiding a quadratic recomputation by XLA's CPU fusion (values unchanged; see above).
+    ``tuning`` (default: :func:`~gpt2_jax.backend.tuning_for` JAX's default backend) is the model's backend
+    settings; with ``cut_block_gradients`` the model materialises each block's residual gradient once in the
+    backward pass, and so does the loss for the logits' gradient (else XLA's CPU fusion recomputes the softmax
+    gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged.
     """
-    model = GPT2LMHeadModel(config, dtype=compute_dtype)
+    tuning = tuning if tuning is not None else backend.tuning_for()
+    model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning)
     train = dropout and _has_dropout(config)
-    if cut_block_gradients is None:
-        cut_block_gradients = jax.default_backend() == "cpu"
 
     def loss_fn(params, tokens, key):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
-        with nn.intercept_methods(_cut_block_outputs) if cut_block_gradients else contextlib.nullcontext():
-            out = model.apply({"params": params}, inputs, deterministic=not train,
-                              rngs={"dropout": key} if train else None)
-        logits = _cut_gradient(out.logits) if cut_block_gradients else out.logits  # dlogits materialised once
+        out = model.apply({"params": params}, inputs, deterministic=not train,
+                          rngs={"dropout": key} if train else None)
+        logits = cut_gradient(out.logits) if tuning.cut_block_gradients else out.logits  # dlogits materialised once
         return cross_entropy(logits, labels)  # logits [B, T, vocab] -> []
 
     return loss_fn
@@ -132,6 +116,7 @@ def make_train_step(
     batch_sharding: NamedSharding | None = None,
     donate: bool = True,
     jit: bool = True,
+    tuning: Tuning | None = None,
 ) -> Callable:
     """Build the train step ``(state, batch, key) -> (state, metrics)``.
 
@@ -147,6 +132,8 @@ def make_train_step(
         batch_sharding: the batch's sharding (rows over the data axes); required with ``state_sharding``.
         donate: donate the input state's buffers (update in place); do not reuse the old state after the call.
         jit: return the jitted function (False: the plain function, e.g. to wrap yourself).
+        tuning: backend settings (:class:`~gpt2_jax.backend.Tuning`); None: :func:`~gpt2_jax.backend.tuning_for`
+            the platform of the shardings' devices when given, else of JAX's default backend.
 
     Returns:
         ``step(state, batch, key)`` with ``batch`` int ``[batch, seq_len + 1]`` and ``key`` a ``jax.random``
@@ -155,7 +142,9 @@ def make_train_step(
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-    loss_fn = make_loss_fn(config, compute_dtype, dropout)
+    if tuning is None:
+        tuning = backend.tuning_for(platform=_sharding_platform(state_sharding, batch_sharding))
+    loss_fn = make_loss_fn(config, compute_dtype, dropout, tuning)
     grad_fn = jax.value_and_grad(loss_fn)
     micro_sharding = None
     if batch_sharding is not None and accum_steps > 1:
