@@ -1,30 +1,45 @@
-"""The weights generation computes with: on the CPU, every Dense kernel also transposed to ``[out, in]``.
+"""The weights generation computes with, prepared once per params object for the backend they live on.
 
-A decode step at small batch is a chain of matrix-vector products, bound by reading the weights from memory.
-XLA's CPU matrix-vector product reads a kernel laid out ``[out, in]`` (each output a contiguous row) faster than
-the ``[in, out]`` layout of the params (Hugging Face's ``Conv1D``): gpt2 decodes 6-15% faster and prefills ~10%
-faster on 2 cores (``benchmarks/bench_generate.py``). So on the CPU the engine gives the model each kernel
-transposed in the :data:`~gpt2_jax.layers.KERNELS_OUT_IN` collection (the tied LM head already reads ``wte`` as
-``[vocab, n_embd]``); GPUs and TPUs get the params unchanged.
+Two backend settings (:mod:`gpt2_jax.backend`, decided by :func:`~gpt2_jax.backend.tuning_for` from the platform
+of the params' devices) shape them:
 
-The transposed kernels are a copy (gpt2: 0.34 GB in float32), made once per params object and reused while that
-object is alive (:func:`decode_weights`). ``GPT2_JAX_TRANSPOSED_KERNELS=0`` turns the copy off.
+* :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` (CPU): every Dense kernel also transposed to ``[out, in]``.
+  A decode step at small batch is a chain of matrix-vector products, bound by reading the weights from memory, and
+  XLA's CPU matrix-vector product reads a kernel laid out ``[out, in]`` (each output a contiguous row) faster than
+  the ``[in, out]`` layout of the params (Hugging Face's ``Conv1D``): gpt2 decodes 6-15% faster and prefills ~10%
+  faster on 2 cores (``benchmarks/bench_generate.py``). The engine gives the model each kernel transposed in the
+  :data:`~gpt2_jax.layers.KERNELS_OUT_IN` collection (the tied LM head already reads ``wte`` as
+  ``[vocab, n_embd]``).
+* :attr:`~gpt2_jax.backend.Tuning.low_precision_compute` off (CPU): bfloat16 / float16 weights and int8-quantized
+  ones (:mod:`gpt2_jax.precision`) are converted to float32 here, once, ``wte`` (the LM head) included, and the
+  programs compute in float32 (:func:`gpt2_jax.precision.compute_dtype`): XLA CPU's narrow matrix-vector products
+  crawl at ~1 GB/s. On (GPU/TPU): narrow weights stay narrow; quantized Dense kernels stay int8 (each layer
+  converts them inside its matmul) and only a quantized ``wte`` is dequantized here.
+
+GPUs and TPUs with float params get the params unchanged. A prepared copy (gpt2: 0.34 GB of transposed float32
+kernels) is made once per params object and reused while that object is alive (:func:`decode_weights`).
+``GPT2_JAX_TUNING=transposed_kernels=0`` (or the older ``GPT2_JAX_TRANSPOSED_KERNELS=0``) turns the transposition
+off.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 import threading
 import weakref
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
+from .. import backend
+from ..backend import TRANSPOSED_KERNELS_ENV, Tuning
 from ..layers import KERNELS_OUT_IN
+from ..precision import NARROW_FLOATS, is_quantized
 
-#: Environment variable: ``0`` keeps generation on the params' own kernels on the CPU too (no copy).
-TRANSPOSED_KERNELS_ENV = "GPT2_JAX_TRANSPOSED_KERNELS"
+__all__ = ["TRANSPOSED_KERNELS_ENV", "DecodeWeights", "clear_cache", "decode_weights", "prepare_weights",
+           "transpose_kernels", "use_transposed_kernels"]
 
 
 @struct.dataclass
@@ -50,19 +65,36 @@ class DecodeWeights:
 
 def use_transposed_kernels(platform: str | None = None) -> bool:
     """Whether generation on ``platform`` (default: JAX's default backend) computes with transposed kernels:
-    on the CPU, unless ``$GPT2_JAX_TRANSPOSED_KERNELS`` is ``0``."""
-    if (platform or jax.default_backend()) != "cpu":
-        return False
-    setting = os.environ.get(TRANSPOSED_KERNELS_ENV, "1").strip().lower()
-    if setting not in ("0", "1", "false", "true", ""):
-        raise ValueError(f"{TRANSPOSED_KERNELS_ENV} must be 0 or 1, got {setting!r}")
-    return setting not in ("0", "false")
+    :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` of :func:`~gpt2_jax.backend.tuning_for` that platform
+    (on the CPU unless turned off, e.g. ``GPT2_JAX_TRANSPOSED_KERNELS=0``)."""
+    return backend.tuning_for(platform=platform).transposed_kernels
 
 
-@jax.jit
-def _transposed(kernels):
-    """Every ``[in, out]`` array of the tree transposed to ``[out, in]``, materialised row-major by XLA."""
-    return jax.tree_util.tree_map(lambda kernel: kernel.T, kernels)
+def _swap(x):
+    return jnp.swapaxes(x, -1, -2)  # [..., in, out] -> [..., out, in] (stacked scan_layers kernels too)
+
+
+def _widen(x, upcast: bool):
+    """A leaf as the programs read it: float32 when ``upcast`` and it is narrow or quantized."""
+    if is_quantized(x):
+        return x.dequantize(jnp.float32) if upcast else x
+    if upcast and jnp.dtype(x.dtype).name in NARROW_FLOATS:
+        return x.astype(jnp.float32)
+    return x
+
+
+@functools.partial(jax.jit, static_argnames=("upcast",))
+def _transposed(kernels, upcast: bool = False):
+    """Every ``[..., in, out]`` kernel of the tree as ``[..., out, in]``, materialised row-major by XLA (and
+    widened to float32 in the same pass when ``upcast``); quantized kernels stay quantized unless ``upcast``."""
+    def one(kernel):
+        kernel = _widen(kernel, upcast)
+        return kernel.transpose_last() if is_quantized(kernel) else _swap(kernel)
+
+    return jax.tree_util.tree_map(one, kernels, is_leaf=is_quantized)
+
+
+_widened = jax.jit(lambda x: _widen(x, True))
 
 
 def _split_kernels(tree) -> tuple[dict, dict]:
@@ -80,36 +112,71 @@ def _split_kernels(tree) -> tuple[dict, dict]:
     return kept, kernels
 
 
-def transpose_kernels(params) -> DecodeWeights:
+def _convert_params(tree, upcast: bool):
+    """The non-transposed part of the prepared weights, converted leaf by leaf (leaves that need no conversion are
+    shared, not copied): narrow and quantized leaves to float32 when ``upcast``; otherwise only quantized leaves
+    that are not Dense kernels (``wte``: the embedding lookup and the tied LM head read a plain array) are
+    dequantized, to their original dtype."""
+    def one(path, leaf):
+        if upcast:
+            needs = is_quantized(leaf) or jnp.dtype(leaf.dtype).name in NARROW_FLOATS
+            return _widened(leaf) if needs else leaf
+        if is_quantized(leaf) and getattr(path[-1], "key", None) != "kernel":
+            return leaf.dequantize()
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_quantized)
+
+
+def _needs_preparing(params, upcast: bool) -> bool:
+    for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_quantized):
+        if is_quantized(leaf) or (upcast and jnp.dtype(leaf.dtype).name in NARROW_FLOATS):
+            return True
+    return False
+
+
+def transpose_kernels(params, upcast: bool = False) -> DecodeWeights:
     """``params`` with every Dense kernel moved, transposed, to the ``KERNELS_OUT_IN`` collection (the other
-    arrays are shared, not copied)."""
+    arrays are shared, not copied). ``upcast``: narrow (bfloat16, float16) and int8-quantized weights become
+    float32, kernels in the same pass as their transposition."""
     kept, kernels = _split_kernels(params)
-    return DecodeWeights(kept, _transposed(kernels))
+    return DecodeWeights(_convert_params(kept, upcast), _transposed(kernels, upcast=upcast))
+
+
+def prepare_weights(params, tuning: Tuning) -> DecodeWeights:
+    """The weights the programs compute with under ``tuning`` (uncached; see :func:`decode_weights`)."""
+    upcast = not tuning.low_precision_compute
+    if tuning.transposed_kernels:
+        return transpose_kernels(params, upcast)
+    return DecodeWeights(_convert_params(params, upcast))
 
 
 class _LastWeights:
-    """The layout of the most recent params object, dropped as soon as any of its leaves is garbage collected."""
+    """The layout of the most recent params object (and settings), dropped as soon as any of its leaves is
+    garbage collected."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._token = None
         self._refs: tuple = ()
+        self._settings = None
         self._weights: DecodeWeights | None = None
 
-    def get(self, params) -> DecodeWeights:
+    def get(self, params, tuning: Tuning) -> DecodeWeights:
         leaves = jax.tree_util.tree_leaves(params)
+        settings = (tuning.transposed_kernels, tuning.low_precision_compute)
         with self._lock:
-            if (self._weights is not None and len(leaves) == len(self._refs)
+            if (self._weights is not None and self._settings == settings and len(leaves) == len(self._refs)
                     and all(ref() is leaf for ref, leaf in zip(self._refs, leaves))):
                 return self._weights
-        weights = transpose_kernels(params)
+        weights = prepare_weights(params, tuning)
         token = object()
         try:
             refs = tuple(weakref.ref(leaf, lambda _ref, token=token: self._forget(token)) for leaf in leaves)
         except TypeError:  # a leaf that cannot be weakly referenced: do not cache
             return weights
         with self._lock:
-            self._token, self._refs, self._weights = token, refs, weights
+            self._token, self._refs, self._settings, self._weights = token, refs, settings, weights
         return weights
 
     def _forget(self, token) -> None:
@@ -119,27 +186,38 @@ class _LastWeights:
 
     def clear(self) -> None:
         with self._lock:
-            self._token, self._weights, self._refs = None, None, ()
+            self._token, self._weights, self._refs, self._settings = None, None, (), None
 
 
 _LAST = _LastWeights()
 
 
-def decode_weights(params, platform: str | None = None) -> DecodeWeights:
+def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None = None) -> DecodeWeights:
     """What the generation programs compute with for ``params``.
 
-    On the CPU, :func:`transpose_kernels`, cached for the most recent params object (passing the same object
-    again costs nothing; a new one, e.g. after a training step, is transposed anew, and the cache lets go of the
-    copy when the params are garbage collected). Elsewhere, or with ``GPT2_JAX_TRANSPOSED_KERNELS=0``, the params
-    unchanged. A :class:`DecodeWeights` is returned as is.
+    Args:
+        params: the model params: float32, narrow (bfloat16, float16) or int8-quantized
+            (:func:`gpt2_jax.precision.quantize_params`); a :class:`DecodeWeights` is returned as is.
+        platform: decide the settings for this platform instead of the params' own (``'cpu'``, ``'gpu'``...).
+        tuning: the settings (default: :func:`~gpt2_jax.backend.tuning_for` the params, or ``platform``).
+
+    Returns:
+        Under :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` (the CPU), :func:`transpose_kernels`; when
+        :attr:`~gpt2_jax.backend.Tuning.low_precision_compute` is off (the CPU), narrow and quantized weights
+        converted to float32 once. Either copy is cached for the most recent params object (passing the same
+        object again costs nothing; a new one, e.g. after a training step, is prepared anew, and the cache lets go
+        of the copy when the params are garbage collected). With nothing to do (float params on a GPU or TPU), the
+        params unchanged.
     """
     if isinstance(params, DecodeWeights):
         return params
-    if not use_transposed_kernels(platform):
+    if tuning is None:
+        tuning = backend.tuning_for(params, platform=platform)
+    if not tuning.transposed_kernels and not _needs_preparing(params, not tuning.low_precision_compute):
         return DecodeWeights(params)
-    return _LAST.get(params)
+    return _LAST.get(params, tuning)
 
 
 def clear_cache() -> None:
-    """Drop the cached transposed kernels (their memory is freed once no running program holds them)."""
+    """Drop the cached prepared weights (their memory is freed once no running program holds them)."""
     _LAST.clear()

@@ -28,6 +28,12 @@ Bytes per decode step: every parameter (the tied LM head reads all of ``wte``) p
 bandwidth. Peaks come from ``--peak-bandwidth`` / ``--peak-flops`` or the table of known devices
 (:mod:`gpt2_jax.inspect.devices`); unknown (e.g. any CPU): the utilisation is null.
 
+Low precision: ``--dtype bfloat16`` stores the params in bfloat16 and computes the way generation does on the
+backend (:func:`gpt2_jax.precision.compute_dtype`: float32 on the CPU, where XLA's bfloat16 matrix-vector products
+are ~8x slower, bfloat16 on GPU/TPU); ``--quantize int8`` quantizes the weights (per-channel scales,
+:func:`gpt2_jax.precision.quantize_params`). The report records both dtypes and a note saying what ran; bytes per
+decode step count the weights as the programs read them (the prepared copy: float32 on the CPU).
+
 The JSON report follows ``bench_schema.json`` (in this package, :data:`SCHEMA_PATH`).
 """
 
@@ -52,8 +58,14 @@ import numpy as np
 
 from ..config import GPT2Config
 from ..generation import engine
+from ..generation.weight_layout import decode_weights
 from ._common import dtype_name, resolve_dtype
 from .devices import resolve_peaks
+from .. import backend
+from ..precision import (
+    QUANTIZATIONS, compute_dtype, is_quantized, params_are_quantized, precision_note, quantize_params,
+)
+from ..precision import params_dtype as precision_params_dtype
 
 SCHEMA_PATH = Path(__file__).with_name("bench_schema.json")
 SCHEMA_VERSION = 1
@@ -69,12 +81,14 @@ def load_schema() -> dict:
 
 # Model arithmetic ----------------------------------------------------------------------------------------------
 def param_stats(params: Any) -> tuple[int, int, int]:
-    """``(parameters, bytes, parameters outside wte/wpe)`` of a params pytree (arrays or shape structs)."""
+    """``(parameters, bytes, parameters outside wte/wpe)`` of a params pytree (arrays or shape structs; an int8
+    :class:`~gpt2_jax.precision.QuantizedArray` counts its weights once and its bytes as stored, scales included)."""
     total = total_bytes = embeddings = 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
         n = math.prod(leaf.shape)
         total += n
-        total_bytes += n * np.dtype(leaf.dtype).itemsize
+        parts = (leaf.q, leaf.scale) if is_quantized(leaf) else (leaf,)
+        total_bytes += sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in parts)
         if str(getattr(path[0], "key", path[0])) in ("wte", "wpe"):
             embeddings += n
     return total, total_bytes, total - embeddings
@@ -262,6 +276,7 @@ def run_benchmark(
     prompt: int = 128,
     new: int = 128,
     dtype: Any = None,
+    quantize: str | None = None,
     runs: int = 3,
     generate: bool = True,
     peak_bandwidth_gbs: float | None = None,
@@ -274,12 +289,16 @@ def run_benchmark(
     """Benchmark prefill, decode and generate of ``params`` at every batch size (see the module docstring).
 
     Args:
-        params: GPT-2 params (random or loaded), already in the dtype to benchmark.
+        params: GPT-2 params (random or loaded), already in the dtype to benchmark (and quantized, for
+            ``quantize``).
         config: their architecture.
         batch_sizes: batch sizes, run in increasing order.
         prompt: prompt tokens per row (random ids); ``prompt + new`` must fit ``n_positions``.
         new: tokens generated per row (greedy, never stopping early).
-        dtype: compute dtype (default: the params' dtype).
+        dtype: requested dtype (default: the params' dtype); it computes in
+            :func:`~gpt2_jax.precision.compute_dtype` of it (float32 for bfloat16 on the CPU).
+        quantize: ``"int8"`` to quantize ``params`` here (:func:`~gpt2_jax.precision.quantize_params`) unless
+            they already are; None: as given.
         runs: timed runs per figure (the median is reported), after one compiling call.
         generate: also time the engine's whole ``generate`` call.
         peak_bandwidth_gbs, peak_tflops: the device's peaks (default: looked up for known devices).
@@ -300,18 +319,31 @@ def run_benchmark(
                          f"n_positions={config.n_positions}")
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")
-    dtype = dtype_name(resolve_dtype(dtype)) if dtype is not None else engine.params_dtype(params)
+    if quantize is not None:
+        _check_quantize(quantize)
+        if not params_are_quantized(params):
+            params = quantize_params(params, quantize)
+    elif params_are_quantized(params):
+        quantize = "int8"
+    stored = dtype_name(resolve_dtype(dtype)) if dtype is not None else precision_params_dtype(params)
+    tuning = backend.tuning_for(params)
+    dtype = compute_dtype(stored, params, tuning)  # what the programs compute in
+    weights = jax.block_until_ready(decode_weights(params, tuning=tuning))  # prepared once, as generation does
     device = jax.devices()[0]
     peaks = resolve_peaks(device, dtype, peak_bandwidth_gbs, peak_tflops)
-    n_params, n_bytes, non_embedding = param_stats(params)
+    n_params, stored_bytes, non_embedding = param_stats(params)
+    _, n_bytes, _ = param_stats(weights)  # bytes a decode step reads: the prepared weights
     rng = np.random.default_rng(seed)
     results = []
     from tqdm.auto import tqdm
 
     for batch in tqdm(batch_sizes, desc="bench", unit="batch size", disable=not progress, file=sys.stderr):
-        results.append(_bench_batch(params, config, dtype, batch, prompt, new, runs, generate, peaks, n_params,
+        results.append(_bench_batch(weights, config, dtype, batch, prompt, new, runs, generate, peaks, n_params,
                                     n_bytes, non_embedding, rng, device))
     notes = []
+    note = precision_note(stored, tuning, quantize, backend.platform_of(params))
+    if note:
+        notes.append(note)
     if results and results[0]["peak_memory"]["source"] == "process_max_rss":
         notes.append("peak_memory is the process's peak resident set size: this backend reports no device memory "
                      "statistics")
@@ -325,8 +357,9 @@ def run_benchmark(
         notes.append(f"the engine pads prompts of {prompt} tokens to {bucket} slots; prefill figures count the "
                      f"{prompt} real tokens")
     return BenchReport(
-        model={"name": model_name, "source": source, "params": n_params, "param_bytes": n_bytes,
-               "non_embedding_params": non_embedding, "dtype": dtype,
+        model={"name": model_name, "source": source, "params": n_params, "param_bytes": stored_bytes,
+               "non_embedding_params": non_embedding, "dtype": stored, "compute_dtype": dtype,
+               "quantize": quantize, "prepared_bytes": n_bytes,
                "config": {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
                           "n_positions": config.n_positions, "vocab_size": config.vocab_size,
                           "n_inner": config.inner_dim}},
@@ -348,6 +381,13 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value * scale, spec)
 
 
+def _precision_label(model: dict) -> str:
+    """``float32``, ``bfloat16 (computed in float32)``, ``int8 (computed in float32)``..."""
+    stored = model.get("quantize") or model["dtype"]
+    compute = model.get("compute_dtype", model["dtype"])
+    return stored if compute == stored else f"{stored} weights, computed in {compute}"
+
+
 def format_bench_report(report: BenchReport) -> str:
     """A plain-text table of a report: one row per batch size, then the notes."""
     m, d, s = report.model, report.device, report.settings
@@ -357,7 +397,7 @@ def format_bench_report(report: BenchReport) -> str:
     if d["peak_tflops"]:
         peak.append(f"{d['peak_tflops']:.1f} TFLOP/s ({d['peak_tflops_source']})")
     lines = [
-        f"model: {m['name'] or m['source']} ({m['params'] / 1e6:.1f}M params, {m['dtype']}, {m['source']})",
+        f"model: {m['name'] or m['source']} ({m['params'] / 1e6:.1f}M params, {_precision_label(m)}, {m['source']})",
         f"device: {d['kind']} x{d['count']} ({d['backend']}, jax {d['jax_version']})"
         + (f"; peaks {', '.join(peak)}" if peak else "; peaks unknown"),
         f"prompt {s['prompt_tokens']} tokens, {s['new_tokens']} new tokens (greedy), {s['cache_slots']} cache slots, "
@@ -384,6 +424,11 @@ def format_bench_report(report: BenchReport) -> str:
 
 
 # CLI -----------------------------------------------------------------------------------------------------------
+def _check_quantize(scheme: Any) -> None:
+    if scheme not in QUANTIZATIONS:
+        raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {scheme!r}")
+
+
 def _batch_list(text: str) -> list[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -408,7 +453,11 @@ def register(subparsers) -> None:
                         help="benchmark these weights instead of random ones (a checkpoint directory or hub id; a "
                              "hub id needs the network once)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                        help="params, cache and computation dtype (default float32)")
+                        help="params dtype (default float32); computed in it on GPU/TPU, in float32 on the CPU "
+                             "(XLA CPU's bfloat16 matrix-vector products are ~8x slower)")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help="int8 weight-only quantization with per-channel scales (on the CPU dequantized once to "
+                             "float32: a storage saving, float32 speed)")
     parser.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes (default 1,8,32)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row (default 128)")
     parser.add_argument("--new", type=int, default=128, help="new tokens per row (default 128)")
@@ -461,8 +510,12 @@ def run(args) -> int:
         params = random_params(config, args.seed, dtype)
         source = f"random weights (seed {args.seed})"
         name = args.model or "gpt2"
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None:
+        _check_quantize(quantize)
     report = run_benchmark(
-        params, config, batch_sizes=batch_sizes, prompt=args.prompt, new=args.new, dtype=dtype, runs=args.runs,
+        params, config, batch_sizes=batch_sizes, prompt=args.prompt, new=args.new, dtype=dtype, quantize=quantize,
+        runs=args.runs,
         generate=not args.no_generate, peak_bandwidth_gbs=args.peak_bandwidth, peak_tflops=args.peak_flops,
         model_name=name, source=source, seed=args.seed, progress=not args.json,
     )
