@@ -113,6 +113,8 @@ def _parse_value(name: str, text: str) -> Any:
         if lowered in ("0", "false", "off", "no"):
             return False
         raise ValueError(f"{TUNING_ENV}: {name} must be 0 or 1, got {text!r}")
+    if name == "attention" and text.strip() not in ATTENTION_IMPLS:
+        raise ValueError(f"{TUNING_ENV}: attention must be one of {', '.join(ATTENTION_IMPLS)}, got {text.strip()!r}")
     return text.strip()
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from gpt2_jax import backend
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.generation import (
     TRACE_COUNTS,
@@ -29,6 +30,9 @@ from generation_helpers import BOS, PAD, TINY, frequent_token, left_pad, prompts
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 PARAMS = None
+#: Tests reading XLA's compiled CPU HLO (buffer copies, fusion choices) hold on the CPU backend only.
+cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA CPU's compiled HLO")
+CPU_TUNING = backend.PLATFORM_DEFAULTS["cpu"]
 
 
 def params():
@@ -276,6 +280,7 @@ def test_reorder_generated_equals_a_full_cache_reorder():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@cpu_only
 @pytest.mark.parametrize("batch", [1, 2])
 def test_beam_search_loop_does_not_copy_whole_cache_arrays(batch):
     """Moving the generated slots to the new parent beams updates the carried cache in place."""
@@ -283,10 +288,8 @@ def test_beam_search_loop_does_not_copy_whole_cache_arrays(batch):
     from gpt2_jax.generation.request import build_request, prompt_keys
 
     beams = 3
-    request = build_request(params(), TINY, prompts(batch, 5), max_new_tokens=20, num_beams=beams)
-    c = request.config
-    spec = BeamSpec(TINY, request.dtype, request.prompts.bucket, request.cap, beams, len(request.eos_ids),
-                    c.early_stopping, c.do_sample, c.no_repeat_ngram_size)
+    request = build_request(params(), TINY, prompts(batch, 5), max_new_tokens=20, num_beams=beams, tuning=CPU_TUNING)
+    spec = BeamSpec.from_request(request)
     args = (decode_weights(params()), jnp.asarray(request.prompts.input_ids),
             jnp.asarray(request.prompts.attention_mask), prompt_keys(jax.random.key(0), batch), request.knobs)
     text = _beam_program.lower(*args, spec=spec, num_return_sequences=1).compile().as_text()
@@ -297,6 +300,7 @@ def test_beam_search_loop_does_not_copy_whole_cache_arrays(batch):
 
 
 # The compiled decode program ------------------------------------------------------------------------------------
+@cpu_only
 @pytest.mark.parametrize("transposed_kernels", [False, True])
 def test_decode_program_does_not_materialise_a_transposed_wte(transposed_kernels):
     cfg = GPT2Config(vocab_size=50257, n_positions=64, n_embd=64, n_layer=1, n_head=2)
@@ -306,28 +310,31 @@ def test_decode_program_does_not_materialise_a_transposed_wte(transposed_kernels
     cache = jax.eval_shape(lambda: init_cache(cfg, 1, 32))
     from gpt2_jax.generation.engine import _decode_step
 
-    hlo = _decode_step.lower(p, jax.ShapeDtypeStruct((1,), jnp.int32), cache, config=cfg, dtype="float32")
+    hlo = _decode_step.lower(p, jax.ShapeDtypeStruct((1,), jnp.int32), cache, config=cfg, dtype="float32",
+                             tuning=CPU_TUNING)
     text = hlo.compile().as_text()
     assert "f32[64,50257]" not in text  # no transposed copy of the [vocab, n_embd] embedding
     assert "f32[50257,64]" in text  # the embedding itself is used in place
 
 
+@cpu_only
 @pytest.mark.parametrize("batch", [1, 3])
 def test_compiled_programs_update_the_cache_in_place(batch):
-    """Neither the sampling loop nor the donated decode step copies a whole cache array per step."""
+    """Neither the sampling loop nor the donated decode step (taking and returning the public 4-D cache) copies a
+    whole cache array per step under the CPU tuning."""
     from gpt2_jax.generation.engine import _decode_step
     from gpt2_jax.generation.request import build_request, prompt_keys
     from gpt2_jax.generation.sampler import SamplerSpec, _sample_program
 
     cache_shape = f"{TINY.n_head},48,{TINY.head_dim}]"  # 16 prompt slots + 32 new-token slots
-    request = build_request(params(), TINY, prompts(batch, 5), max_new_tokens=20)
+    request = build_request(params(), TINY, prompts(batch, 5), max_new_tokens=20, tuning=CPU_TUNING)
     spec = SamplerSpec.from_request(request)
     weights = decode_weights(params())  # what generate() and decode_step() compute with
     args = (weights, jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
             prompt_keys(jax.random.key(0), batch), request.knobs)
     loop = _sample_program.lower(*args, spec=spec).compile().as_text()
     step = _decode_step.lower(weights, jnp.zeros((batch,), jnp.int32), init_cache(TINY, batch, 48), config=TINY,
-                              dtype="float32").compile().as_text()
+                              dtype="float32", tuning=CPU_TUNING).compile().as_text()
     for text in (loop, step):
         copies = [line for line in text.splitlines() if " copy(" in line and cache_shape in line]
         assert not copies, copies[:3]

@@ -133,6 +133,7 @@ def test_candidate_threshold_knows_when_it_is_not_enough():
     assert not np.asarray(exact).any()
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA CPU's compiled HLO")
 def test_fast_tier_compiles_to_a_top_k_not_a_sort():
     """A full sort of GPT-2's vocabulary costs ~9 ms a row; the candidate tier must stay a TopK."""
     x = jax.ShapeDtypeStruct((2, 50257), jnp.float32)

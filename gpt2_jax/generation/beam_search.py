@@ -11,8 +11,8 @@ Cache reordering: all beams of a prompt share the prompt's slots (the prompt is 
 cache rows repeated), so those slots never need reordering. Each step gathers only the generated region
 (``cap`` slots of keys and values per layer) by the parent beams, after the step's forward pass; the prompt
 region, the slot validity and the position counters are identical across a prompt's beams and are left untouched.
-What XLA (CPU) adds on top: about two copies of each layer's key and value cache per step (the in-place update
-of the forward pass and the reorder's read of the same buffer cannot share it); the sampler's loop has none.
+How the slots move is a backend choice (:attr:`gpt2_jax.backend.Tuning.beam_reorder_by_matmul`): on the CPU a
+one-hot matmul, which XLA updates in place; elsewhere a gather.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from .. import backend
+from ..backend import Tuning
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
-from .engine import count_trace, forward, repeat_cache
+from .engine import count_trace, forward, program_weights, repeat_cache
 from .request import GenerationOutput, Request, prompt_keys
-from .weight_layout import decode_weights
 
 NEG = -1.0e9  # Hugging Face's "impossible" score
 
@@ -72,7 +73,7 @@ class BeamState:
 
 @dataclasses.dataclass(frozen=True)
 class BeamSpec:
-    """The static part of a beam search request (a ``jit`` static argument)."""
+    """The static part of a beam search request, backend tuning included (a ``jit`` static argument)."""
 
     model_config: GPT2Config
     dtype: str
@@ -83,6 +84,15 @@ class BeamSpec:
     early_stopping: bool | str
     do_sample: bool
     no_repeat_ngram_size: int
+    tuning: Tuning
+
+    @classmethod
+    def from_request(cls, request: Request) -> "BeamSpec":
+        c = request.config
+        return cls(
+            request.model_config, request.dtype, request.prompts.bucket, request.cap, c.num_beams,
+            len(request.eos_ids), c.early_stopping, c.do_sample, c.no_repeat_ngram_size, request.tuning,
+        )
 
     @property
     def candidates(self) -> int:
@@ -101,30 +111,41 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index, axis=1)
 
 
-def reorder_generated(cache: KVCache, parents: jax.Array, bucket: int, num_beams: int) -> KVCache:
+def reorder_generated(cache: KVCache, parents: jax.Array, bucket: int, num_beams: int,
+                      tuning: Tuning | None = None) -> KVCache:
     """The cache with the generated slots ``[bucket, end)`` of every row taken from row ``parents[row]``.
 
     Rows are ``batch * num_beams`` beams, prompt by prompt, and each beam's parent is a beam of the same prompt
-    (what beam search guarantees; a parent outside its prompt's beams gives zeros). Those rows share their prompt
-    slots, validity and positions, so these are left as they are and only ``cap`` slots of keys and values per
-    layer are moved.
+    (what beam search guarantees). Those rows share their prompt slots, validity and positions, so these are left
+    as they are and only ``cap`` slots of keys and values per layer are moved. Works on per-layer and stacked
+    (``scan_layers``) caches alike.
 
-    The move is a per-prompt ``[beams, beams]`` one-hot matmul (exact: one 1 per row, at the highest precision)
-    rather than a gather: XLA fused a gather into the slot update and then wrote a whole new cache array and
-    copied it back into the loop carry, twice the cache per layer and step (a test checks the compiled loop).
+    With :attr:`~gpt2_jax.backend.Tuning.beam_reorder_by_matmul` (``tuning``; default
+    :func:`~gpt2_jax.backend.tuning_for` the cache) the move is a per-prompt ``[beams, beams]`` one-hot matmul
+    (exact: one 1 per row, at the highest precision; a parent outside its prompt's beams gives zeros): XLA (CPU)
+    fused a gather into the slot update and then wrote a whole new cache array and copied it back into the loop
+    carry, twice the cache per layer and step (a test checks the compiled loop). Otherwise it is a gather of the
+    generated slots by ``parents``.
     """
+    tuning = tuning if tuning is not None else backend.tuning_for(cache)
     rows = parents.shape[0]
     batch = rows // num_beams
-    local = parents.reshape(batch, num_beams) - (jnp.arange(batch, dtype=parents.dtype) * num_beams)[:, None]
-    pick = jax.nn.one_hot(local, num_beams)  # [batch, beams (child), beams (parent)]
+    if tuning.beam_reorder_by_matmul:
+        local = parents.reshape(batch, num_beams) - (jnp.arange(batch, dtype=parents.dtype) * num_beams)[:, None]
+        pick = jax.nn.one_hot(local, num_beams)  # [batch, beams (child), beams (parent)]
 
-    def take(x):  # x [rows, heads, slots, head_dim]
-        generated = x[:, :, bucket:]  # [rows, heads, cap, head_dim]
-        by_prompt = generated.reshape(batch, num_beams, -1)  # [batch, beams, heads * cap * head_dim]
-        moved = jnp.einsum("bcp,bpf->bcf", pick.astype(x.dtype), by_prompt, precision=jax.lax.Precision.HIGHEST)
-        return jax.lax.dynamic_update_slice_in_dim(x, moved.reshape(generated.shape), bucket, axis=2)
+    def take(x, axis):  # x [(n_layer,) rows, heads, slots, head_dim]; axis: the rows axis
+        generated = jax.lax.slice_in_dim(x, bucket, x.shape[axis + 2], axis=axis + 2)  # [..., rows, heads, cap, hd]
+        if tuning.beam_reorder_by_matmul:
+            lead = generated.shape[:axis]  # (n_layer,) for a stacked cache, else ()
+            by_prompt = generated.reshape(*lead, batch, num_beams, -1)  # [..., batch, beams, heads * cap * hd]
+            moved = jnp.einsum("bcp,...bpf->...bcf", pick.astype(x.dtype), by_prompt,
+                               precision=jax.lax.Precision.HIGHEST).reshape(generated.shape)
+        else:
+            moved = jnp.take(generated, parents, axis=axis)  # [..., rows, heads, cap, hd]
+        return jax.lax.dynamic_update_slice_in_dim(x, moved, bucket, axis=axis + 2)
 
-    return cache.replace(keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)))
+    return cache.map_kv(take)
 
 
 def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpec) -> BeamState:
@@ -145,7 +166,7 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpe
         seen=processors.seen_mask(flat_running, real, vocab), penalty=knobs["repetition_penalty"], banned=banned,
         eos_mask=stop_ids, suppress_eos=state.step < knobs["min_new_tokens"], do_sample=spec.do_sample,
         temp=knobs["temperature"], top_k=knobs["top_k"], top_p=knobs["top_p"],
-        min_tokens_to_keep=spec.min_tokens_to_keep,
+        min_tokens_to_keep=spec.min_tokens_to_keep, tuning=spec.tuning,
     )
     accumulated = (log_probs.reshape(batch, nb, vocab) + state.running_scores[:, :, None]).reshape(batch, nb * vocab)
 
@@ -215,8 +236,8 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: dict, spec: Beam
     batch = input_ids.shape[0]
     length = spec.bucket + spec.cap
     cache = KVCache.zeros(cfg, batch, length, jnp.dtype(spec.dtype))
-    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype)
-    cache = repeat_cache(cache, nb)
+    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning)
+    cache = repeat_cache(cache, nb)  # [batch, ...] -> [batch * beams, ...] rows
     running = jnp.full((batch, nb, length), knobs["pad_id"], jnp.int32)
     running = running.at[:, :, : spec.bucket].set(input_ids[:, None, :])
     start = spec.bucket - attention_mask.sum(axis=1, dtype=jnp.int32)
@@ -236,16 +257,17 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: dict, spec: Beam
         keys=keys,
     )
     state = _beam_update(state, jnp.repeat(logits, nb, axis=0), knobs, spec)
-    return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams))
+    return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams, spec.tuning))
 
 
 def advance_beams(params, state: BeamState, knobs: dict, spec: BeamSpec) -> BeamState:
     """Feed the chosen tokens, take a beam step, then move the generated cache slots to the new parent beams."""
     batch, nb, _ = state.running.shape
     last = jax.lax.dynamic_slice_in_dim(state.running, spec.bucket + state.step - 1, 1, axis=2)  # [B, N, 1]
-    logits, cache = forward(params, last.reshape(batch * nb, 1), None, state.cache, spec.model_config, spec.dtype)
+    logits, cache = forward(params, last.reshape(batch * nb, 1), None, state.cache, spec.model_config, spec.dtype,
+                            spec.tuning)
     state = _beam_update(state.replace(cache=cache), logits, knobs, spec)
-    return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams))
+    return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams, spec.tuning))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_return_sequences"))
@@ -265,13 +287,10 @@ def _beam_program(params, input_ids, attention_mask, keys, knobs, *, spec: BeamS
 def run_beam_request(params, request: Request, key) -> GenerationOutput:
     """Run a checked beam-search request (``num_beams > 1``)."""
     cfg = request.config
-    spec = BeamSpec(
-        request.model_config, request.dtype, request.prompts.bucket, request.cap, cfg.num_beams,
-        len(request.eos_ids), cfg.early_stopping, cfg.do_sample, cfg.no_repeat_ngram_size,
-    )
+    spec = BeamSpec.from_request(request)
     prompts = request.prompts
     sequences, scores, lengths = _beam_program(
-        decode_weights(params), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
+        program_weights(params, request.tuning), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
         prompt_keys(key, request.batch_size), request.knobs, spec=spec,
         num_return_sequences=cfg.num_return_sequences,
     )

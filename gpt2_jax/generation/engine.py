@@ -11,6 +11,14 @@ position stays below it.
 
 ``prefill`` and ``decode_step`` are jitted with the cache donated, so XLA updates it in place. The
 ``while_loop`` sampler and beam search call the same (unjitted) :func:`forward` inside their own programs.
+
+Backend tuning (:mod:`gpt2_jax.backend`) is resolved once per request from the params
+(:func:`~gpt2_jax.backend.tuning_for`) and passed to every jitted program as a static argument, so it is part of
+each compiled program's identity. It never changes a public shape: :func:`init_cache`, :func:`prefill` and
+:func:`decode_step` take and return the documented :class:`~gpt2_jax.kv_cache.KVCache` (``[batch, n_head, S,
+head_dim]`` per layer, or one stacked ``[n_layer, batch, ...]`` array for a ``scan_layers`` model); the one-row
+``[n_head, S, head_dim]`` view of :attr:`~gpt2_jax.backend.Tuning.single_row_cache_view` lives only inside the
+compiled loops' carries.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import backend
+from ..backend import Tuning
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from ..model import GPT2LMHeadModel
@@ -70,90 +80,111 @@ def params_dtype(params) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def lm_model(config: GPT2Config, dtype: str) -> GPT2LMHeadModel:
-    """The (stateless) Flax module for ``config`` computing in ``dtype``."""
-    return GPT2LMHeadModel(config, dtype=jnp.dtype(dtype))
+def lm_model(config: GPT2Config, dtype: str, tuning: Tuning | None = None) -> GPT2LMHeadModel:
+    """The (stateless) Flax module for ``config`` computing in ``dtype`` under ``tuning`` (cached per triple)."""
+    return GPT2LMHeadModel(config, dtype=jnp.dtype(dtype), tuning=tuning)
 
 
 def init_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
-    """An empty cache of ``slots`` slots for :func:`prefill` / :func:`decode_step`, in the engine's layout
-    (:func:`flatten_cache`: keys/values ``[n_head, slots, head_dim]`` for one row, else
-    ``[batch, n_head, slots, head_dim]``; :func:`unflatten_cache` gives the model's 4-D form)."""
-    return flatten_cache(KVCache.zeros(config, batch_size, slots, dtype))
+    """An empty cache of ``slots`` slots for :func:`prefill` / :func:`decode_step`: the documented
+    :class:`~gpt2_jax.kv_cache.KVCache` layout, keys/values ``[batch, n_head, slots, head_dim]`` per layer (one
+    stacked ``[n_layer, batch, n_head, slots, head_dim]`` array each for a ``scan_layers`` model), whatever the
+    batch size and the backend."""
+    return KVCache.zeros(config, batch_size, slots, dtype)
 
 
 def repeat_cache(cache: KVCache, repeats: int) -> KVCache:
-    """Every row repeated ``repeats`` times in place (row ``b`` -> rows ``b*repeats .. b*repeats+repeats-1``)."""
+    """Every row repeated ``repeats`` times in place (row ``b`` -> rows ``b*repeats .. b*repeats+repeats-1``), in
+    either layer layout (per-layer or stacked)."""
     if repeats == 1:
         return cache
-    rep = lambda x: jnp.repeat(x, repeats, axis=0)
-    return KVCache(
-        keys=tuple(map(rep, cache.keys)),
-        values=tuple(map(rep, cache.values)),
-        valid=rep(cache.valid),
-        index=cache.index,
-        next_position=rep(cache.next_position),
-    )
+    return cache.map_rows(lambda x, axis: jnp.repeat(x, repeats, axis=axis))
 
 
 def flatten_cache(cache: KVCache) -> KVCache:
-    """The cache in the layout loops carry: keys/values ``[n_head, S, head_dim]`` for a single row, unchanged
-    ``[batch, n_head, S, head_dim]`` otherwise (a free reshape either way).
+    """The one-row view compiled loops carry under :attr:`~gpt2_jax.backend.Tuning.single_row_cache_view`:
+    keys/values ``[n_head, S, head_dim]`` for a single-row per-layer cache; any other cache (several rows, a
+    stacked ``scan_layers`` cache, one already flattened) is returned unchanged. A free reshape either way.
 
-    That is the layout attention's batched matmul reads (XLA drops a unit batch dimension), so XLA updates the
-    carried buffers in place instead of copying the whole cache every step.
+    That is the layout attention's batched matmul reads (XLA drops a unit batch dimension), so XLA (CPU) updates
+    the carried buffers in place instead of copying the whole cache every step. Only for use inside a compiled
+    program: the public functions always take and return the 4-D cache (:func:`unflatten_cache` restores it).
     """
-    if cache.valid.shape[0] != 1 or cache.keys[0].ndim != 4:
+    if cache.stacked or cache.valid.shape[0] != 1 or cache.keys[0].ndim != 4:
         return cache
-    squeeze = lambda x: x[0]
-    return cache.replace(keys=tuple(map(squeeze, cache.keys)), values=tuple(map(squeeze, cache.values)))
+    return cache.map_kv(lambda x, axis: x[0])  # [1, n_head, S, head_dim] -> [n_head, S, head_dim]
 
 
 def unflatten_cache(cache: KVCache) -> KVCache:
-    """Inverse of :func:`flatten_cache`: keys/values back to ``[batch, n_head, S, head_dim]``."""
-    if cache.keys[0].ndim == 4:
+    """Inverse of :func:`flatten_cache`: keys/values back to ``[batch, n_head, S, head_dim]`` (a cache in the
+    documented layout is returned unchanged)."""
+    if cache.stacked or cache.keys[0].ndim == 4:
         return cache
-    expand = lambda x: x[None]
-    return cache.replace(keys=tuple(map(expand, cache.keys)), values=tuple(map(expand, cache.values)))
+    return cache.map_kv(lambda x, axis: x[None])  # [n_head, S, head_dim] -> [1, n_head, S, head_dim]
+
+
+def carry_cache(cache: KVCache, tuning: Tuning) -> KVCache:
+    """The cache in the layout a compiled loop carries under ``tuning`` (:func:`flatten_cache` when
+    :attr:`~gpt2_jax.backend.Tuning.single_row_cache_view` is set, else the cache as it is)."""
+    return flatten_cache(cache) if tuning.single_row_cache_view else cache
 
 
 def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache, config: GPT2Config,
-            dtype: str) -> tuple[jax.Array, KVCache]:
+            dtype: str, tuning: Tuning | None = None) -> tuple[jax.Array, KVCache]:
     """One cached forward pass returning the logits of the last position only.
 
     Args:
         params: the model params, or :class:`~gpt2_jax.generation.weight_layout.DecodeWeights`.
         input_ids: ``[batch, T]`` int32, written at slots ``[cache.index, cache.index + T)``.
         attention_mask: ``[batch, T]`` (None: all real tokens).
-        cache: the cache before the write.
+        cache: the cache before the write, in the documented 4-D (or stacked) layout.
         config, dtype: the architecture and compute dtype.
+        tuning: the backend settings (static); None: :func:`~gpt2_jax.backend.tuning_for` of ``params`` (JAX's
+            default backend when they are tracers). The compiled programs always pass the request's.
 
     Returns:
         ``(logits [batch, vocab] float32, the advanced cache)``.
     """
+    tuning = tuning if tuning is not None else backend.tuning_for(params)
     variables = params.variables if isinstance(params, DecodeWeights) else {"params": params}
-    out = lm_model(config, dtype).apply(
+    out = lm_model(config, dtype, tuning).apply(
         variables, input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1
     )
     return out.logits[:, -1].astype(jnp.float32), out.cache  # [batch, 1, vocab] -> [batch, vocab]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
-def _prefill(params, input_ids, attention_mask, cache, *, config, dtype):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "tuning"), donate_argnames=("cache",))
+def _prefill(params, input_ids, attention_mask, cache, *, config, dtype, tuning):
     count_trace("prefill")
-    logits, cache = forward(params, input_ids, attention_mask, unflatten_cache(cache), config, dtype)
-    return logits, flatten_cache(cache)
+    return forward(params, input_ids, attention_mask, cache, config, dtype, tuning)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"), donate_argnames=("cache",))
-def _decode_step(params, tokens, cache, *, config, dtype):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "tuning"), donate_argnames=("cache",))
+def _decode_step(params, tokens, cache, *, config, dtype, tuning):
     count_trace("decode_step")
-    logits, cache = forward(params, tokens[:, None], None, unflatten_cache(cache), config, dtype)
-    return logits, flatten_cache(cache)
+    return forward(params, tokens[:, None], None, cache, config, dtype, tuning)  # tokens [batch] -> [batch, 1]
+
+
+def program_weights(params, tuning: Tuning) -> DecodeWeights:
+    """What the compiled programs take for ``params`` under ``tuning``: the CPU's transposed kernels
+    (:func:`~gpt2_jax.generation.weight_layout.decode_weights`) only when
+    :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` is set; prepared ``DecodeWeights`` as they are."""
+    if isinstance(params, DecodeWeights):
+        return params
+    return decode_weights(params) if tuning.transposed_kernels else DecodeWeights(params)
+
+
+def _check_public_cache(cache: KVCache, what: str) -> None:
+    """Reject a cache in the loops' internal one-row view (the public functions take the documented layout)."""
+    if not cache.stacked and cache.keys and cache.keys[0].ndim != 4:
+        raise ValueError(
+            f"{what} takes the cache in the KVCache layout, keys [batch, n_head, slots, head_dim] per layer; got "
+            f"keys of shape {list(cache.keys[0].shape)} (use init_cache, or unflatten_cache on a loop's view)"
+        )
 
 
 def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Config,
-            dtype: Any = None) -> tuple[jax.Array, KVCache]:
+            dtype: Any = None, tuning: Tuning | None = None) -> tuple[jax.Array, KVCache]:
     """Run a (left-padded) prompt through the model, filling the cache; the cache is donated.
 
     Args:
@@ -165,24 +196,34 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
             reuse it).
         config: the model's :class:`GPT2Config`.
         dtype: compute dtype (default: the params' dtype).
+        tuning: backend settings (default: :func:`~gpt2_jax.backend.tuning_for` the params).
 
     Returns:
-        ``(logits [batch, vocab] float32 of the last slot, cache advanced by T slots)``, the cache in the engine
-        layout (:func:`init_cache`).
+        ``(logits [batch, vocab] float32 of the last slot, cache advanced by T slots)``, the cache in the
+        :class:`~gpt2_jax.kv_cache.KVCache` layout (:func:`init_cache`).
     """
+    _check_public_cache(cache, "prefill")
+    tuning = tuning if tuning is not None else backend.tuning_for(params)
     dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    return _prefill(decode_weights(params), jnp.asarray(input_ids, jnp.int32), mask, cache, config=config, dtype=dtype)
+    return _prefill(program_weights(params, tuning), jnp.asarray(input_ids, jnp.int32), mask, cache, config=config,
+                    dtype=dtype, tuning=tuning)
 
 
-def decode_step(params, tokens, cache: KVCache, *, config: GPT2Config, dtype: Any = None) -> tuple[jax.Array, KVCache]:
+def decode_step(params, tokens, cache: KVCache, *, config: GPT2Config, dtype: Any = None,
+                tuning: Tuning | None = None) -> tuple[jax.Array, KVCache]:
     """Feed one token per row (``tokens [batch]``) and return ``(logits [batch, vocab], cache)``; the cache is
-    donated and returned in the engine layout (:func:`init_cache`), which XLA updates in place.
+    donated and returned in the :class:`~gpt2_jax.kv_cache.KVCache` layout (:func:`init_cache`), which XLA
+    updates in place.
 
     ``params`` may be plain params (looked up in :func:`~gpt2_jax.generation.weight_layout.decode_weights`'s cache
-    on every call) or, in a loop, ``decode_weights(params)`` prepared once."""
+    on every call) or, in a loop, ``decode_weights(params)`` prepared once. ``tuning``: backend settings (default:
+    :func:`~gpt2_jax.backend.tuning_for` the params)."""
+    _check_public_cache(cache, "decode_step")
+    tuning = tuning if tuning is not None else backend.tuning_for(params)
     dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
-    return _decode_step(decode_weights(params), jnp.asarray(tokens, jnp.int32), cache, config=config, dtype=dtype)
+    return _decode_step(program_weights(params, tuning), jnp.asarray(tokens, jnp.int32), cache, config=config,
+                        dtype=dtype, tuning=tuning)
 
 
 # Prompt preparation (host side, concrete values: every check here runs before anything compiles) --------------

@@ -11,12 +11,20 @@ min-new-tokens, then (sampling only) temperature, top-k, top-p.
 Differences from Hugging Face, on purpose: the repetition penalty and the n-gram ban only look at each row's real
 tokens (``start`` marks where a left-padded row begins), so a padded row is processed exactly as the row alone.
 (Hugging Face's repetition penalty also skips left padding; its n-gram ban also scans the padding.)
+
+How top-k / top-p find their threshold is a backend choice (:class:`gpt2_jax.backend.Tuning`, argument ``tuning``;
+default: the settings of JAX's default backend): on the CPU, candidate tiers behind ``lax.cond``
+(``top_k_tiers``) with a matmul cumulative sum (``cumsum_by_matmul``); elsewhere one full sort. The kept sets
+are the same up to float32 round-off in the cumulative sums.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from .. import backend
+from ..backend import Tuning
 
 NEG_INF = float("-inf")
 
@@ -152,12 +160,17 @@ def _pick(values: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.max(jnp.where(hit, values, NEG_INF), axis=-1, keepdims=True)
 
 
-def _exclusive_cumsum(w: jax.Array, block: int = 64) -> jax.Array:
-    """``[batch, n]`` -> sums of the preceding entries, by two triangular matmuls over ``block``-sized chunks.
+def _exclusive_cumsum(w: jax.Array, block: int = 64, by_matmul: bool = True) -> jax.Array:
+    """``[batch, n]`` -> sums of the preceding entries (0 first).
 
-    ``jnp.cumsum`` lowers to strided slices on CPU, which makes XLA turn the ``lax.top_k`` feeding it into a full
-    sort of the vocabulary; matmuls keep the top-k intact.
+    With ``by_matmul`` (:attr:`~gpt2_jax.backend.Tuning.cumsum_by_matmul`), by two triangular matmuls over
+    ``block``-sized chunks at the highest precision: ``jnp.cumsum`` lowers to strided slices on CPU, which makes
+    XLA turn the ``lax.top_k`` feeding it into a full sort of the vocabulary; matmuls keep the top-k intact.
+    Otherwise ``jnp.cumsum`` of the entries shifted right by one.
     """
+    if not by_matmul:
+        shifted = jnp.pad(w[:, :-1], ((0, 0), (1, 0)))  # [batch, n]: w[:, j - 1], 0 at j = 0
+        return jnp.cumsum(shifted, axis=-1)
     batch, n = w.shape
     block = block if n % block == 0 else n
     strict = jnp.triu(jnp.ones((block, block), w.dtype), k=1)  # strict[i, j] = 1 for i < j
@@ -169,8 +182,10 @@ def _exclusive_cumsum(w: jax.Array, block: int = 64) -> jax.Array:
     return (within + offsets[:, :, None]).reshape(batch, n)
 
 
-def _candidate_threshold(x: jax.Array, top_k, top_p, min_tokens_to_keep: int, size: int):
-    """The top-k / top-p threshold from the ``size`` largest logits only.
+def _candidate_threshold(x: jax.Array, top_k, top_p, min_tokens_to_keep: int, size: int,
+                         cumsum_by_matmul: bool = True):
+    """The top-k / top-p threshold from the ``size`` largest logits only (the cumulative sum by
+    :func:`_exclusive_cumsum`, ``by_matmul=cumsum_by_matmul``).
 
     Returns ``(threshold [batch, 1], exact [batch])``; ``exact`` is False where the kept set may reach beyond the
     candidates (top-k ties past ``size``, or a nucleus wider than ``size`` tokens), and the caller falls back.
@@ -192,7 +207,8 @@ def _candidate_threshold(x: jax.Array, top_k, top_p, min_tokens_to_keep: int, si
     weights = jnp.exp(kept_values - peak)  # [batch, size]
     total = jnp.where(top_k_on, weights.sum(-1, keepdims=True),
                       jnp.sum(jnp.exp(x - peak), axis=-1, keepdims=True))  # [batch, 1]
-    before = _exclusive_cumsum(weights) / total  # S_{j-1}: probability of the higher-ranked tokens
+    # S_{j-1}: probability of the higher-ranked tokens
+    before = _exclusive_cumsum(weights, by_matmul=cumsum_by_matmul) / total
     top_p = jnp.asarray(top_p, before.dtype)
     count = jnp.maximum(jnp.sum(before < top_p, axis=-1), min_tokens_to_keep)  # kept prefix length
     nucleus_inside = (count < size) | (jnp.sum(weights, axis=-1) / total[:, 0] >= top_p)
@@ -204,28 +220,38 @@ def _candidate_threshold(x: jax.Array, top_k, top_p, min_tokens_to_keep: int, si
 
 
 def top_k_top_p_filter(logits: jax.Array, top_k, top_p, min_tokens_to_keep: int = 1,
-                       sizes: tuple[int, ...] | None = None) -> jax.Array:
+                       sizes: tuple[int, ...] | None = None, tuning: Tuning | None = None) -> jax.Array:
     """Top-k then top-p (``TopKLogitsWarper`` followed by ``TopPLogitsWarper``).
 
-    Nothing runs when both are disabled (``lax.cond`` on the traced knobs). Otherwise the threshold is taken from
-    the 256 largest logits (``lax.top_k``, ~0.1 ms a row for GPT-2's vocabulary) when the kept set provably lies
-    among them, then from the 4096 largest, and only then from a full sort (~9 ms a row): the result is the same
-    in each case (up to float32 round-off in the cumulative sums).
+    Plain formulation (``tuning.top_k_tiers`` off, the GPU/TPU default): one full sort of the vocabulary, no
+    data-dependent branch. Tiered (the CPU default): nothing runs when both are disabled (``lax.cond`` on the
+    traced knobs); otherwise the threshold is taken from the 256 largest logits (``lax.top_k``, ~0.1 ms a row for
+    GPT-2's vocabulary on the CPU) when the kept set provably lies among them, then from the 4096 largest, and only
+    then from a full sort (~9 ms a row there). The result is the same in each case (up to float32 round-off in
+    the cumulative sums).
 
     Args:
         logits: ``[batch, vocab]``.
         top_k: 0 disables; traced.
         top_p: 1.0 disables; traced.
         min_tokens_to_keep: static, as Hugging Face's.
-        sizes: candidate-set sizes to try (default :data:`FAST_FILTER_SIZES`).
+        sizes: candidate-set sizes to try; given, the tiers run whatever ``tuning`` says (default:
+            :data:`FAST_FILTER_SIZES` when ``tuning.top_k_tiers``, else no tiers).
+        tuning: backend settings (static; default :func:`~gpt2_jax.backend.tuning_for` JAX's default backend).
     """
+    tuning = tuning if tuning is not None else backend.tuning_for()
+    if sizes is None:
+        if not tuning.top_k_tiers:
+            return _sorted_filter(logits, top_k, top_p, min_tokens_to_keep)
+        sizes = FAST_FILTER_SIZES
     vocab = logits.shape[-1]
-    sizes = tuple(s for s in (FAST_FILTER_SIZES if sizes is None else sizes) if s < vocab)
+    sizes = tuple(s for s in sizes if s < vocab)
 
     def tiers(x, remaining):
         if not remaining:
             return _sorted_filter(x, top_k, top_p, min_tokens_to_keep)
-        threshold, exact = _candidate_threshold(x, top_k, top_p, min_tokens_to_keep, remaining[0])
+        threshold, exact = _candidate_threshold(x, top_k, top_p, min_tokens_to_keep, remaining[0],
+                                                tuning.cumsum_by_matmul)
         return jax.lax.cond(jnp.all(exact), lambda x: jnp.where(x < threshold, NEG_INF, x),
                             lambda x: tiers(x, remaining[1:]), x)
 
@@ -257,6 +283,7 @@ def process_logits(
     top_k,
     top_p,
     min_tokens_to_keep: int = 1,
+    tuning: Tuning | None = None,
 ) -> jax.Array:
     """All processors in Hugging Face's order.
 
@@ -270,6 +297,7 @@ def process_logits(
         do_sample: static; the warpers (temperature, top-k, top-p) only apply when sampling.
         temp, top_k, top_p: the warper knobs.
         min_tokens_to_keep: static; 1, or ``n_eos + 1`` for beam sampling (as Hugging Face).
+        tuning: backend settings for the top-k / top-p formulation (static; see :func:`top_k_top_p_filter`).
     """
     if seen is not None:
         logits = repetition_penalty(logits, seen, penalty)
@@ -278,5 +306,5 @@ def process_logits(
     logits = suppress_tokens(logits, eos_mask, suppress_eos)
     if do_sample:
         logits = temperature(logits, temp)
-        logits = top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep)
+        logits = top_k_top_p_filter(logits, top_k, top_p, min_tokens_to_keep, tuning=tuning)
     return logits

@@ -1,7 +1,8 @@
 """One generation request, checked and normalised on the host before anything is traced or compiled.
 
 :func:`build_request` resolves the special ids, validates the prompts against the model (vocabulary, n_positions),
-left-pads them to their bucket and turns the knobs into arrays. :class:`GenerationOutput` is what
+left-pads them to their bucket, turns the knobs into arrays and resolves the backend tuning once from where the
+params live (:func:`gpt2_jax.backend.tuning_for`). :class:`GenerationOutput` is what
 :func:`gpt2_jax.generation.generate` returns.
 """
 
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import backend
+from ..backend import Tuning
 from ..config import GPT2Config
 from .config import GenerationConfig
 from .engine import PreparedPrompts, canonical_dtype, new_token_cap, params_dtype, prepare_prompts, resolve_special_ids
@@ -21,7 +24,8 @@ from .engine import PreparedPrompts, canonical_dtype, new_token_cap, params_dtyp
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A checked request: prompts at their bucket, the resolved config and special ids, the traced knobs."""
+    """A checked request: prompts at their bucket, the resolved config and special ids, the traced knobs and the
+    backend tuning (a static argument of every program the request runs)."""
 
     prompts: PreparedPrompts
     config: GenerationConfig
@@ -31,6 +35,7 @@ class Request:
     cap: int  # static cap of the new-token budget
     dtype: str  # compute dtype name
     knobs: dict  # name -> jnp array (traced arguments)
+    tuning: Tuning  # backend settings, resolved once from the params' platform
 
     @property
     def batch_size(self) -> int:
@@ -59,9 +64,14 @@ def build_request(
     attention_mask=None,
     config: GenerationConfig | None = None,
     dtype: Any = None,
+    *,
+    tuning: Tuning | None = None,
     **overrides: Any,
 ) -> Request:
     """Check and normalise a request (see :func:`gpt2_jax.generation.generate` for the arguments).
+
+    ``tuning`` defaults to :func:`~gpt2_jax.backend.tuning_for` the params (their devices' platform, then the
+    overrides); it is resolved here, once, and travels with the request.
 
     Raises:
         ValueError: bad knob values, ids outside the vocabulary, prompt + budget beyond ``n_positions``.
@@ -85,10 +95,12 @@ def build_request(
             raise ValueError(f"max_length ({config.max_length}) leaves no room after the longest prompt ({width} tokens)")
         config = config.replace(max_new_tokens=config.max_length - width, max_length=None)
     prompts = prepare(config.max_new_tokens)
+    tuning = tuning if tuning is not None else backend.tuning_for(params)
     dtype_name = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
     return Request(
         prompts=prompts, config=config, model_config=model_config, eos_ids=eos, pad_id=pad,
         cap=new_token_cap(config.max_new_tokens), dtype=dtype_name, knobs=make_knobs(config, eos, pad),
+        tuning=tuning,
     )
 
 

@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ..backend import Tuning
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
 from .config import GenerationConfig
-from .engine import count_trace, flatten_cache, forward, repeat_cache, unflatten_cache
+from .engine import carry_cache, count_trace, forward, program_weights, repeat_cache, unflatten_cache
 from .request import GenerationOutput, Request, build_request, prompt_keys, request_key, row_keys
-from .weight_layout import decode_weights
 
 
 @struct.dataclass
@@ -43,7 +43,8 @@ class SamplingState:
         step: ``[]`` int32, tokens generated so far.
         tokens: ``[rows, bucket + cap]`` int32: the left-padded prompt, then the generated tokens.
         start: ``[rows]`` int32, the first real slot of each row (for the n-gram ban).
-        cache: the KV cache (``rows`` rows, ``bucket + cap`` slots).
+        cache: the KV cache (``rows`` rows, ``bucket + cap`` slots), in the carry layout of the spec's tuning
+            (:func:`~gpt2_jax.generation.engine.carry_cache`: the one-row view under ``single_row_cache_view``).
         done: ``[rows]`` bool, the row has produced an eos id.
         num_new_tokens: ``[rows]`` int32, tokens generated before finishing (eos included).
         keys: ``[rows]`` PRNG keys, split every step.
@@ -64,7 +65,8 @@ class SamplingState:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """The static (compile-time) part of a sampling request; hashable, a ``jit`` static argument."""
+    """The static (compile-time) part of a sampling request, backend tuning included; hashable, a ``jit`` static
+    argument."""
 
     model_config: GPT2Config
     dtype: str
@@ -74,13 +76,14 @@ class SamplerSpec:
     do_sample: bool
     no_repeat_ngram_size: int
     return_logprobs: bool
+    tuning: Tuning
 
     @classmethod
     def from_request(cls, request: Request) -> "SamplerSpec":
         c = request.config
         return cls(
             request.model_config, request.dtype, request.prompts.bucket, request.cap, c.num_return_sequences,
-            c.do_sample, c.no_repeat_ngram_size, c.return_logprobs,
+            c.do_sample, c.no_repeat_ngram_size, c.return_logprobs, request.tuning,
         )
 
 
@@ -100,7 +103,7 @@ def select_next(state: SamplingState, logits: jax.Array, knobs: dict, spec: Samp
     processed = processors.process_logits(
         logits, seen=state.seen, penalty=knobs["repetition_penalty"], banned=banned, eos_mask=stop_ids,
         suppress_eos=state.step < knobs["min_new_tokens"], do_sample=spec.do_sample, temp=knobs["temperature"],
-        top_k=knobs["top_k"], top_p=knobs["top_p"],
+        top_k=knobs["top_k"], top_p=knobs["top_p"], tuning=spec.tuning,
     )  # [rows, vocab]
     keys = state.keys
     if spec.do_sample:
@@ -141,7 +144,7 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
     cfg, n = spec.model_config, spec.num_return_sequences
     batch = input_ids.shape[0]
     cache = KVCache.zeros(cfg, batch, spec.bucket + spec.cap, jnp.dtype(spec.dtype))
-    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype)  # prefill once per prompt
+    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning)  # once a prompt
     if n > 1:  # the return sequences of a prompt share its prefill
         cache = repeat_cache(cache, n)
         logits, input_ids, attention_mask = (jnp.repeat(x, n, axis=0) for x in (logits, input_ids, attention_mask))
@@ -153,7 +156,7 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
         step=jnp.zeros((), jnp.int32),
         tokens=tokens,
         start=spec.bucket - real.sum(axis=1, dtype=jnp.int32),
-        cache=flatten_cache(cache),
+        cache=carry_cache(cache, spec.tuning),
         done=jnp.zeros((rows,), bool),
         num_new_tokens=jnp.zeros((rows,), jnp.int32),
         keys=row_keys(keys, n),
@@ -166,8 +169,9 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
 def advance_state(params, state: SamplingState, knobs: dict, spec: SamplerSpec) -> SamplingState:
     """Feed the last token of every row through the model and pick the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, spec.bucket + state.step - 1, 1, axis=1)  # [rows, 1]
-    logits, cache = forward(params, last, None, unflatten_cache(state.cache), spec.model_config, spec.dtype)
-    return select_next(state.replace(cache=flatten_cache(cache)), logits, knobs, spec)
+    logits, cache = forward(params, last, None, unflatten_cache(state.cache), spec.model_config, spec.dtype,
+                            spec.tuning)  # the model takes the 4-D cache: a free reshape of the carried view
+    return select_next(state.replace(cache=carry_cache(cache, spec.tuning)), logits, knobs, spec)
 
 
 def keep_going(state: SamplingState, knobs: dict) -> jax.Array:
@@ -191,7 +195,8 @@ def run_request(params, request: Request, key) -> GenerationOutput:
     prompts = request.prompts
     keys = prompt_keys(key, request.batch_size)
     tokens, steps, counts, logprobs = _sample_program(
-        decode_weights(params), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask), keys, request.knobs, spec=spec
+        program_weights(params, request.tuning), jnp.asarray(prompts.input_ids),
+        jnp.asarray(prompts.attention_mask), keys, request.knobs, spec=spec,
     )
     steps = int(steps)
     tokens = np.asarray(tokens)

@@ -18,9 +18,8 @@ import numpy as np
 
 from ..config import GPT2Config
 from .config import GenerationConfig
-from .engine import count_trace
+from .engine import count_trace, program_weights
 from .request import build_request, prompt_keys, request_key
-from .weight_layout import decode_weights
 from .sampler import SamplerSpec, SamplingState, advance_state, keep_going, start_state
 
 
@@ -77,7 +76,7 @@ def stream(
     key = request_key(request.config, key)
     spec = SamplerSpec.from_request(request)
     prompts = request.prompts
-    weights = decode_weights(params)
+    weights = program_weights(params, request.tuning)
     state, token, active, going = _start_program(
         weights, jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
         prompt_keys(key, request.batch_size), request.knobs, spec=spec,
