@@ -68,9 +68,9 @@ def test_the_default_tuning_follows_the_platform_and_the_overrides(monkeypatch):
 
     real = step_module.make_loss_fn
 
-    def recording(config, dtype, dropout, tuning):
+    def recording(config, dtype, dropout, tuning, *rest, **kwargs):
         built.append(tuning)
-        return real(config, dtype, dropout, tuning)
+        return real(config, dtype, dropout, tuning, *rest, **kwargs)
 
     monkeypatch.setattr(step_module, "make_loss_fn", recording)
     optimizer = optax.sgd(0.1)

@@ -37,6 +37,7 @@ from ..backend import Tuning
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from ..model import GPT2LMHeadModel
+from ..precision import compute_dtype
 from .weight_layout import DecodeWeights, decode_weights
 
 MIN_PROMPT_BUCKET = 16
@@ -166,12 +167,13 @@ def _decode_step(params, tokens, cache, *, config, dtype, tuning):
 
 
 def program_weights(params, tuning: Tuning) -> DecodeWeights:
-    """What the compiled programs take for ``params`` under ``tuning``: the CPU's transposed kernels
-    (:func:`~gpt2_jax.generation.weight_layout.decode_weights`) only when
-    :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` is set; prepared ``DecodeWeights`` as they are."""
+    """What the compiled programs take for ``params`` under ``tuning``
+    (:func:`~gpt2_jax.generation.weight_layout.decode_weights`: kernels transposed under
+    :attr:`~gpt2_jax.backend.Tuning.transposed_kernels`, narrow weights widened where
+    :attr:`~gpt2_jax.backend.Tuning.low_precision_compute` is off); prepared ``DecodeWeights`` as they are."""
     if isinstance(params, DecodeWeights):
         return params
-    return decode_weights(params) if tuning.transposed_kernels else DecodeWeights(params)
+    return decode_weights(params, tuning=tuning)  # transposed, and upcast where low_precision_compute is off
 
 
 def _check_public_cache(cache: KVCache, what: str) -> None:
@@ -204,7 +206,7 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
     """
     _check_public_cache(cache, "prefill")
     tuning = tuning if tuning is not None else backend.tuning_for(params)
-    dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
+    dtype = compute_dtype(dtype, params, tuning)  # bfloat16 computes in float32 where low_precision_compute is off
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     return _prefill(program_weights(params, tuning), jnp.asarray(input_ids, jnp.int32), mask, cache, config=config,
                     dtype=dtype, tuning=tuning)
@@ -221,7 +223,7 @@ def decode_step(params, tokens, cache: KVCache, *, config: GPT2Config, dtype: An
     :func:`~gpt2_jax.backend.tuning_for` the params)."""
     _check_public_cache(cache, "decode_step")
     tuning = tuning if tuning is not None else backend.tuning_for(params)
-    dtype = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
+    dtype = compute_dtype(dtype, params, tuning)  # bfloat16 computes in float32 where low_precision_compute is off
     return _decode_step(program_weights(params, tuning), jnp.asarray(tokens, jnp.int32), cache, config=config,
                         dtype=dtype, tuning=tuning)
 

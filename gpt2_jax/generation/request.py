@@ -18,8 +18,9 @@ import numpy as np
 from .. import backend
 from ..backend import Tuning
 from ..config import GPT2Config
+from ..precision import compute_dtype
 from .config import GenerationConfig
-from .engine import PreparedPrompts, canonical_dtype, new_token_cap, params_dtype, prepare_prompts, resolve_special_ids
+from .engine import PreparedPrompts, new_token_cap, prepare_prompts, resolve_special_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +97,7 @@ def build_request(
         config = config.replace(max_new_tokens=config.max_length - width, max_length=None)
     prompts = prepare(config.max_new_tokens)
     tuning = tuning if tuning is not None else backend.tuning_for(params)
-    dtype_name = canonical_dtype(dtype) if dtype is not None else params_dtype(params)
+    dtype_name = compute_dtype(dtype, params, tuning)  # float32 for bfloat16 where low_precision_compute is off
     return Request(
         prompts=prompts, config=config, model_config=model_config, eos_ids=eos, pad_id=pad,
         cap=new_token_cap(config.max_new_tokens), dtype=dtype_name, knobs=make_knobs(config, eos, pad),
