@@ -522,7 +522,8 @@ def init_params(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module] =
         param_dtype: dtype of the params.
 
     Returns:
-        The params pytree (a nested dict, no ``{'params': ...}`` wrapper).
+        The params pytree (a nested dict, no ``{'params': ...}`` wrapper); stacked ``h/... [n_layer, ...]`` for a
+        ``scan_layers`` config, with the same values as the per-layer tree of the same key.
 
     The initialiser is traced and compiled once per ``(config, model_cls, param_dtype)`` and reused by later calls
     (only ``key`` is an argument of the compiled program).
@@ -536,7 +537,12 @@ def init_params(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module] =
 
 
 def _init_params_traced(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module], param_dtype) -> dict:
-    """The body :func:`init_params` compiles: ``model_cls(config).init`` on a one-token input."""
+    """The body :func:`init_params` compiles: ``model_cls(config).init`` on a one-token input. A ``scan_layers``
+    config gets the unrolled model's params stacked, so one key gives the same model in either layout."""
+    if config.scan_layers:
+        from .stacking import stack_layers
+
+        return stack_layers(_init_params_traced(key, config.replace(scan_layers=False), model_cls, param_dtype))
     model = model_cls(config, param_dtype=param_dtype)
     ids = jnp.zeros((1, 1, 1) if model_cls is GPT2DoubleHeadsModel else (1, 1), jnp.int32)
     return model.init(key, ids)["params"]

@@ -76,6 +76,11 @@ def register(subparsers) -> None:
     g.add_argument("--grad-clip", type=float, help="global gradient-norm clip, 0 to disable (default 1.0)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype; params stay float32")
     g.add_argument("--no-dropout", dest="dropout", action="store_false", help="disable dropout")
+    g.add_argument("--remat", choices=("none", "full", "dots_saveable", "minimal"),
+                   help="recompute each block in the backward pass to save memory: full (least memory), "
+                        "dots_saveable / minimal (keep matmul outputs) (default none)")
+    g.add_argument("--scan-layers", dest="scan_layers", action="store_true",
+                   help="run the blocks under nn.scan (one block compiled: faster compiles for deep models)")
     g.add_argument("--seed", type=int, help="seed of init, data order and dropout (default 0)")
     g.add_argument("--max-consecutive-skips", type=int,
                    help="stop after this many consecutive non-finite steps (default 10)")

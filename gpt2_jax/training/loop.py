@@ -37,7 +37,9 @@ import numpy as np
 
 from ..atomic import atomic_write_path
 from ..config import GPT2Config
+from ..layers import REMAT_POLICIES
 from ..model import init_params
+from ..stacking import params_for
 from .checkpointing import CheckpointManager, abstract_state, save_hf_directory
 from .data import DataError, WindowLoader, load_or_tokenize
 from .evaluate import evaluate, make_nll_fn
@@ -91,6 +93,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float | None = 1.0
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
+    remat: str = "none"  # block rematerialisation: none / full / dots_saveable / minimal (layers.REMAT_POLICIES)
+    scan_layers: bool = False  # blocks under nn.scan (params stacked; checkpoints exported per layer)
     dropout: bool = True
     seed: int = 0
     shuffle: str = "random"  # random windows, or "epoch": each window once per epoch
@@ -351,7 +355,7 @@ class _Compiled:
 
 @functools.lru_cache(maxsize=4)
 def _compiled_functions(config: GPT2Config, opt: OptimizerConfig, mesh, strategy: str, accum_steps: int, dtype: str,
-                        dropout: bool) -> _Compiled:
+                        dropout: bool, remat: str = "none") -> _Compiled:
     """Optimizer, shardings and jitted functions for these settings, cached so that repeated ``train`` calls in one
     process (sweeps, notebooks, tests) reuse the compiled programs."""
     optimizer, schedule = make_optimizer(opt)
@@ -364,7 +368,7 @@ def _compiled_functions(config: GPT2Config, opt: OptimizerConfig, mesh, strategy
         batch_sharding=b_sharding,
         create_state=jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings),
         train_step=make_train_step(config, optimizer, schedule, accum_steps=accum_steps, compute_dtype=compute,
-                                   dropout=dropout, state_sharding=shardings, batch_sharding=b_sharding),
+                                   dropout=dropout, state_sharding=shardings, batch_sharding=b_sharding, remat=remat),
         nll_fn=make_nll_fn(config, compute),
     )
 
@@ -401,6 +405,12 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         cfg = dataclasses.replace(cfg, decay_steps=cfg.decay_steps or cfg.steps)
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.remat not in REMAT_POLICIES:
+        raise ValueError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {cfg.remat!r}")
+    # run.json keeps the Hugging Face config (no layout fields): the layout comes from the run's settings.
+    config = config.replace(scan_layers=cfg.scan_layers)
+    if params is not None:
+        params = params_for(config, params)
     seq_len = cfg.seq_len or config.n_positions
     if not 0 < seq_len <= config.n_positions:
         raise ValueError(f"--seq-len {seq_len} must be in [1, n_positions={config.n_positions}]")
@@ -430,7 +440,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
 
     # State: sharded over the mesh, from the newest checkpoint or fresh.
     compiled = _compiled_functions(config, cfg.optimizer_config(), mesh, cfg.strategy, cfg.accum_steps, cfg.dtype,
-                                   cfg.dropout)
+                                   cfg.dropout, cfg.remat)
     optimizer, schedule, shardings, b_sharding = (compiled.optimizer, compiled.schedule, compiled.shardings,
                                                   compiled.batch_sharding)
     state_shape = compiled.state_shape

@@ -32,6 +32,8 @@ import numpy as np
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ..stacking import params_are_stacked
+
 DATA, MODEL = "data", "model"
 STRATEGIES = ("fsdp", "tp")
 
@@ -93,10 +95,14 @@ def param_specs(params, mesh: Mesh, strategy: str = "fsdp"):
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown sharding strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     size = mesh.shape[MODEL]
+    stacked = params_are_stacked(params)
 
     def spec(key_path, leaf):
         path = tuple(str(getattr(k, "key", k)) for k in key_path)
         shape = tuple(leaf.shape)
+        if stacked and path[0] == "h":  # scan_layers: [n_layer, ...]; the layer axis is never split
+            inner = _fsdp_spec(shape[1:], size) if strategy == "fsdp" else _tp_spec(path, shape[1:], size)
+            return P(None, *inner)
         return _fsdp_spec(shape, size) if strategy == "fsdp" else _tp_spec(path, shape, size)
 
     return jax.tree_util.tree_map_with_path(spec, params)

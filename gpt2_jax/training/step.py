@@ -34,7 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .. import backend
 from ..backend import Tuning
 from ..config import GPT2Config
-from ..layers import cut_gradient
+from ..layers import check_remat_policy, cut_gradient
 from ..losses import cross_entropy
 from ..model import GPT2LMHeadModel
 from .optim import global_norm
@@ -82,16 +82,17 @@ def _sharding_platform(*shardings) -> str | None:
 
 
 def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = True,
-                 tuning: Tuning | None = None) -> Callable:
+                 tuning: Tuning | None = None, remat: str = "none") -> Callable:
     """``loss(params, tokens [B, T + 1], key) -> []`` float32 mean next-token cross-entropy.
 
     ``tuning`` (default: :func:`~gpt2_jax.backend.tuning_for` JAX's default backend) is the model's backend
     settings; with ``cut_block_gradients`` the model materialises each block's residual gradient once in the
     backward pass, and so does the loss for the logits' gradient (else XLA's CPU fusion recomputes the softmax
-    gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged.
+    gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged. ``remat`` is the
+    blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`).
     """
     tuning = tuning if tuning is not None else backend.tuning_for()
-    model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning)
+    model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning, remat_policy=check_remat_policy(remat))
     train = dropout and _has_dropout(config)
 
     def loss_fn(params, tokens, key):
@@ -117,6 +118,7 @@ def make_train_step(
     donate: bool = True,
     jit: bool = True,
     tuning: Tuning | None = None,
+    remat: str = "none",
 ) -> Callable:
     """Build the train step ``(state, batch, key) -> (state, metrics)``.
 
@@ -134,6 +136,9 @@ def make_train_step(
         jit: return the jitted function (False: the plain function, e.g. to wrap yourself).
         tuning: backend settings (:class:`~gpt2_jax.backend.Tuning`); None: :func:`~gpt2_jax.backend.tuning_for`
             the platform of the shardings' devices when given, else of JAX's default backend.
+        remat: what each block keeps for the backward pass (:data:`gpt2_jax.layers.REMAT_POLICIES`): ``none``
+            (everything), ``full`` (only its input: least memory, one more forward pass), ``dots_saveable`` (matmul
+            outputs) or ``minimal`` (weight-matmul outputs; attention and elementwise ops recomputed).
 
     Returns:
         ``step(state, batch, key)`` with ``batch`` int ``[batch, seq_len + 1]`` and ``key`` a ``jax.random``
@@ -144,7 +149,7 @@ def make_train_step(
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
     if tuning is None:
         tuning = backend.tuning_for(platform=_sharding_platform(state_sharding, batch_sharding))
-    loss_fn = make_loss_fn(config, compute_dtype, dropout, tuning)
+    loss_fn = make_loss_fn(config, compute_dtype, dropout, tuning, remat)
     grad_fn = jax.value_and_grad(loss_fn)
     micro_sharding = None
     if batch_sharding is not None and accum_steps > 1:
