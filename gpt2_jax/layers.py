@@ -388,7 +388,7 @@ def scanned_blocks(x, positions, visible, cache, head_mask, *, fields: dict, rem
     block_cls = remat_block(get_variant(cfg.variant).block, remat_policy)
     scan = nn.scan(
         block_cls,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, KERNELS_OUT_IN: 0},  # generation's transposed kernels are stacked too
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, 0),
         length=cfg.n_layer,

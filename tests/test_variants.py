@@ -120,3 +120,19 @@ def test_remat_and_scan_keep_loss_and_gradients(policy):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="remat policy 'sometimes' is not one of"):
         GPT2LMHeadModel(config, remat_policy="sometimes").apply({"params": params}, ids)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(do_sample=True, top_k=20, top_p=0.9), dict(num_beams=3)],
+                         ids=["greedy", "sample", "beams"])
+def test_scan_layers_generates_the_unrolled_tokens(options):
+    """One key, either layout: the same params (init_params stacks the unrolled init), so the same tokens."""
+    config = GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=3, initializer_range=0.3)
+    scanned = config.replace(scan_layers=True)
+    params, stacked = init_params(jax.random.PRNGKey(0), config), init_params(jax.random.PRNGKey(0), scanned)
+    for a, b in zip(jax.tree_util.tree_leaves(params_for(scanned, params)), jax.tree_util.tree_leaves(stacked)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ids = np.random.default_rng(4).integers(4, 96, (3, 7))
+    kwargs = dict(max_new_tokens=10, key=jax.random.PRNGKey(5), **options)
+    ours = generate(stacked, ids, model_config=scanned, **kwargs).sequences
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(generate(params, ids, model_config=config, **kwargs).sequences))
