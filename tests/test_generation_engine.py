@@ -23,7 +23,7 @@ from gpt2_jax.generation import (
     reorder_generated,
     stream,
 )
-from gpt2_jax.generation.engine import repeat_cache, unflatten_cache
+from gpt2_jax.generation.engine import repeat_cache
 from gpt2_jax.generation.weight_layout import decode_weights, transpose_kernels
 from gpt2_jax.model import GPT2LMHeadModel, init_params
 from generation_helpers import BOS, PAD, TINY, frequent_token, left_pad, prompts, tiny_hf, tiny_params
@@ -55,8 +55,7 @@ def test_prefill_then_decode_steps_equal_one_full_forward(batch):
         logits, cache = decode_step(params(), ids[:, t], cache, config=TINY)
         np.testing.assert_allclose(np.asarray(logits), expected[:, t], rtol=1e-5, atol=1e-5)
     assert int(cache.index) == 12 and cache.next_position.tolist() == [12] * batch
-    full = unflatten_cache(cache)  # the model's 4-D layout, whatever the batch
-    assert full.keys[0].shape == (batch, TINY.n_head, 16, TINY.head_dim)
+    assert cache.keys[0].shape == (batch, TINY.n_head, 16, TINY.head_dim)  # the public 4-D layout, any batch
 
 
 def test_padded_batch_rows_equal_rows_alone():
