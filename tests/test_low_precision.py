@@ -174,6 +174,19 @@ def test_bfloat16_on_the_cpu_is_float32_compute_of_the_rounded_weights(params, p
     np.testing.assert_array_equal(greedy(params, prompt, dtype="bfloat16"), greedy(params, prompt))
 
 
+@cpu_only
+def test_bfloat16_and_int8_on_the_cpu_reuse_the_float32_programs(params, prompt):
+    """Not just as fast: the very same compiled programs (prepared float32 weights, float32 compute dtype)."""
+    from gpt2_jax.generation import engine
+
+    greedy(params, prompt)
+    before = dict(engine.TRACE_COUNTS)
+    greedy(bf16(params), prompt)
+    greedy(quantize_params(params), prompt)
+    greedy(params, prompt, dtype="bfloat16")
+    assert dict(engine.TRACE_COUNTS) == before
+
+
 # int8 ----------------------------------------------------------------------------------------------------------
 def test_int8_round_trip_is_within_half_a_scale_per_weight(params):
     q = quantize_params(params)
