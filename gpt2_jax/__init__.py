@@ -1,5 +1,7 @@
 """gpt2-jax: a pure-functional GPT-2 in JAX/Flax. The public API, re-exported."""
 
+from . import backend
+from .backend import Tuning
 from .checkpoints.hf_directory import load_hf_directory, save_hf_directory
 from .checkpoints.convert import convert_checkpoint
 from .checkpoints.hub import CheckpointNotFoundError, HubUnavailableError
@@ -9,6 +11,7 @@ from .config import GPT2Config
 from .generation import GenerationConfig, GenerationOutput, decode_step, generate, generate_text, prefill, stream, stream_text
 from .inspect import attention_maps, logit_lens, model_info, next_token_table, run_benchmark
 from .kv_cache import KVCache
+from .layers import REMAT_POLICIES, Variant, register_variant
 from .losses import causal_lm_loss, cross_entropy
 from .model import (
     CausalLMOutput,
@@ -22,6 +25,7 @@ from .model import (
     count_params,
     init_params,
 )
+from .stacking import params_for, stack_layers, unstack_layers, with_scan_layers
 from .tokenizer import GPT2Tokenizer, StreamingDecoder
 
 __version__ = "0.1.0"
