@@ -37,6 +37,7 @@ import numpy as np
 
 from ..atomic import atomic_write_path
 from ..config import GPT2Config
+from .. import precision
 from ..layers import REMAT_POLICIES
 from ..model import init_params
 from ..stacking import params_for
@@ -407,6 +408,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         raise ValueError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.remat not in REMAT_POLICIES:
         raise ValueError(f"--remat must be one of {', '.join(REMAT_POLICIES)}, got {cfg.remat!r}")
+    note = precision.precision_note(cfg.dtype) if is_main else None
+    if note:
+        _log(note)
     # run.json keeps the Hugging Face config (no layout fields): the layout comes from the run's settings.
     config = config.replace(scan_layers=cfg.scan_layers)
     if params is not None:
