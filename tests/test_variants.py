@@ -136,3 +136,26 @@ def test_scan_layers_generates_the_unrolled_tokens(options):
     kwargs = dict(max_new_tokens=10, key=jax.random.PRNGKey(5), **options)
     ours = generate(stacked, ids, model_config=scanned, **kwargs).sequences
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(generate(params, ids, model_config=config, **kwargs).sequences))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the unrolled-remat warning is about XLA CPU")
+def test_remat_saves_compiled_memory_with_scan_and_warns_when_unrolled_on_cpu():
+    """XLA's own buffer analysis of the compiled train step: with scanned layers every policy keeps less than
+    keeping everything; unrolled on the CPU (where XLA drops the barriers remat relies on) the user is told."""
+    config = GPT2Config(vocab_size=256, n_positions=256, n_embd=128, n_layer=4, n_head=4, scan_layers=True)
+    optimizer = optax.adamw(1e-4)
+    state = jax.eval_shape(lambda: TrainState.create(init_params(jax.random.PRNGKey(0), config), optimizer))
+    tokens = jax.ShapeDtypeStruct((4, 257), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+
+    def temp_bytes(cfg, policy):
+        step = make_train_step(cfg, optimizer, dropout=False, remat=policy)
+        return step.lower(state if cfg.scan_layers else unrolled_state, tokens, key).compile().memory_analysis().temp_size_in_bytes
+
+    unrolled = config.replace(scan_layers=False)
+    unrolled_state = jax.eval_shape(lambda: TrainState.create(init_params(jax.random.PRNGKey(0), unrolled), optimizer))
+    keep_all = temp_bytes(config, "none")
+    for policy in ("full", "dots_saveable", "minimal"):
+        assert temp_bytes(config, policy) < keep_all, policy
+    with pytest.warns(UserWarning, match="saves no memory on XLA CPU without scan_layers"):
+        make_train_step(unrolled, optimizer, dropout=False, remat="full")

@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -151,8 +152,14 @@ def make_train_step(
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
+    platform = _sharding_platform(state_sharding, batch_sharding)
     if tuning is None:
-        tuning = backend.tuning_for(platform=_sharding_platform(state_sharding, batch_sharding))
+        tuning = backend.tuning_for(platform=platform)
+    if remat != "none" and not config.scan_layers and (platform or backend.platform_of()) == "cpu":
+        warnings.warn(
+            f"remat={remat!r} saves no memory on XLA CPU without scan_layers: XLA CPU drops the optimization "
+            "barriers that keep the recomputation in the backward pass of an unrolled model (it still costs the "
+            "recomputation); use scan_layers=True (gpt2-jax train --scan-layers)", stacklevel=2)
     loss_fn = make_loss_fn(config, compute_dtype, dropout, tuning, remat)
     grad_fn = jax.value_and_grad(loss_fn)
     micro_sharding = None
