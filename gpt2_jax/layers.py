@@ -148,7 +148,8 @@ def attention_probs(q, k, visible, scale, *, upcast: bool = False) -> jax.Array:
     """Softmax attention probabilities, the softmax always in float32.
 
     Args:
-        q: ``[batch, T, n_head, head_dim]``; k: ``[batch, S, n_head, head_dim]``.
+        q: ``[batch, n_head, T, head_dim]``; k: ``[batch, n_head, S, head_dim]`` (the cache's layout, read in place:
+            other layouts made XLA CPU copy the whole one-row cache every decode step).
         visible: ``[batch, 1, T, S]`` bool, or None for full visibility.
         scale: Python float or traced scalar multiplying ``q . k``.
         upcast: compute the scores in float32 (Hugging Face's ``reorder_and_upcast_attn``).
@@ -157,7 +158,7 @@ def attention_probs(q, k, visible, scale, *, upcast: bool = False) -> jax.Array:
         ``probs [batch, n_head, T, S]`` in k's dtype.
     """
     score_dtype = jnp.float32 if upcast else q.dtype
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(score_dtype), k.astype(score_dtype)) * scale
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q.astype(score_dtype), k.astype(score_dtype)) * scale
     scores = scores.astype(jnp.float32)  # [batch, n_head, T, S]
     if visible is not None:
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
@@ -228,14 +229,14 @@ class GPT2Attention(nn.Module):
         # [batch, T, 3 * n_embd] -> 3 x [batch, T, n_head, head_dim]
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         q, k = self.position_qk(q, k, positions)
+        # keys/values in the cache's layout: [batch, T, n_head, head_dim] -> [batch, n_head, T, head_dim]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         new_cache = None
         if layer_cache is not None:
-            to_cache = lambda t: t.transpose(0, 2, 1, 3)  # [batch, T, n_head, head_dim] -> [batch, n_head, T, hd]
             single_row = self.tuning.single_row_cache_view
-            keys = write_slots(layer_cache[0], to_cache(k), cache_index, single_row)  # [batch, n_head, S, hd]
-            values = write_slots(layer_cache[1], to_cache(v), cache_index, single_row)
-            new_cache = (keys, values)
-            k, v = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)  # [batch, S, n_head, head_dim]
+            k = write_slots(layer_cache[0], k, cache_index, single_row)  # [batch, n_head, S, head_dim]
+            v = write_slots(layer_cache[1], v, cache_index, single_row)
+            new_cache = (k, v)
 
         scale = attention_scale(cfg, layer_idx)
         dropout_on = cfg.attn_pdrop > 0 and not self.deterministic
@@ -243,14 +244,14 @@ class GPT2Attention(nn.Module):
                     or self.tuning.attention == "explicit")
         probs = None
         if explicit:
-            probs = attention_probs(q, k, visible, scale, upcast=cfg.reorder_and_upcast_attn)
+            probs = attention_probs(q.transpose(0, 2, 1, 3), k, visible, scale, upcast=cfg.reorder_and_upcast_attn)
             probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=self.deterministic)
             if head_mask is not None:
                 probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(probs.dtype))  # [batch, T, n_head, head_dim]
-        else:
-            out = fused_attention(q, k, v, visible, scale, causal_only=self.causal_only,
-                                  implementation=self.tuning.attention)
+            out = jnp.einsum("bhqk,bhkd->bqhd", probs, v.astype(probs.dtype))  # [batch, T, n_head, head_dim]
+        else:  # [batch, n_head, S, head_dim] -> [batch, S, n_head, head_dim], the layout it takes
+            out = fused_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), visible, scale,
+                                  causal_only=self.causal_only, implementation=self.tuning.attention)
         out = out.reshape(batch, length, cfg.n_embd)  # [batch, T, n_head, head_dim] -> [batch, T, n_embd]
         out = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(out)
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=self.deterministic)
