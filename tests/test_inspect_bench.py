@@ -11,8 +11,11 @@ import pytest
 
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.inspect import load_schema, lookup_device, validate_json
-from gpt2_jax.inspect.bench import SCHEMA_PATH, kv_cache_bytes, param_stats, prefill_flops
+from gpt2_jax.inspect.bench import (
+    SCHEMA_PATH, decode_step_flops, kv_cache_bytes, param_stats, prefill_flops, roofline_fraction,
+)
 from gpt2_jax.inspect.devices import resolve_peaks
+from gpt2_jax.inspect.peaks import MeasuredPeaks, measure_peaks
 from gpt2_jax.inspect._cli import random_params
 from inspect_helpers import run_cli
 
@@ -66,6 +69,12 @@ def test_report_figures_are_consistent(report):
         assert decode["tokens_per_s"] == pytest.approx(b / decode["step_seconds"])
         assert decode["bytes_per_step"] == param_bytes + kv_cache_bytes(config, b, 32, "float32")
         assert decode["mbu"] == pytest.approx(decode["bytes_per_step"] / decode["step_seconds"] / 40e9)
+        assert decode["flops_per_step"] == decode_step_flops(config, non_embedding, b, 32)
+        floor = max(decode["bytes_per_step"] / 40e9, decode["flops_per_step"] / 1.5e12)
+        assert decode["roofline_fraction"] == pytest.approx(floor / decode["step_seconds"])
+        assert prefill["roofline_fraction"] == pytest.approx(
+            max((param_bytes + kv_cache_bytes(config, b, 32, "float32")) / 40e9, prefill["flops"] / 1.5e12)
+            / prefill["seconds"])
         assert r["generate"]["tokens_per_s"] == pytest.approx(b * 6 / r["generate"]["seconds"])
         assert r["time_to_first_token_s"] < r["generate"]["seconds"]
         assert r["peak_memory"]["bytes"] > 0 and r["peak_memory"]["source"] in ("device_memory_stats",
@@ -74,7 +83,7 @@ def test_report_figures_are_consistent(report):
 
 def test_table_output_and_unknown_peaks(monkeypatch, tiny_config):
     code, out, err = run_cli(monkeypatch, "bench", "--model", str(tiny_config), "--batch", "1", "--prompt", "16",
-                             "--new", "4", "--runs", "1", "--no-generate")
+                             "--new", "4", "--runs", "1", "--no-generate", "--no-measure-peaks")
     assert code == 0, err
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.split()[:1] == ["batch"])
@@ -82,6 +91,56 @@ def test_table_output_and_unknown_peaks(monkeypatch, tiny_config):
     assert row[0] == "1"
     if "cpu" in lines[1]:
         assert "peak bandwidth of 'cpu' unknown" in out and "MFU is null" in out
+
+
+def test_unknown_devices_get_measured_peaks(monkeypatch, tiny_config):
+    """Without given peaks, a device missing from the table (every CPU) is measured: utilisations and the
+    roofline fraction are filled in, and the report says where the peaks came from."""
+    code, out, err = run_cli(monkeypatch, "bench", "--model", str(tiny_config), "--batch", "1", "--prompt", "8",
+                             "--new", "3", "--runs", "1", "--no-generate", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert validate_json(report, load_schema()) == []
+    device = report["device"]
+    if device["known_as"] is not None:
+        pytest.skip(f"{device['kind']} is in the known-devices table: nothing is measured")
+    measured = device["measured_peaks"]
+    assert device["peak_bandwidth_source"] == device["peak_tflops_source"] == "measured"
+    assert device["peak_bandwidth_gbs"] == measured["bandwidth_gbs"] > 0
+    assert device["peak_tflops"] == measured["tflops"]["float32"] > 0 and measured["tflops"]["bfloat16"] > 0
+    result = report["results"][0]
+    assert result["decode"]["mbu"] > 0 and result["prefill"]["mfu"] > 0
+    assert result["decode"]["roofline_fraction"] > 0 and result["prefill"]["roofline_fraction"] > 0
+    assert any("peaks measured in this run" in note for note in report["notes"])
+
+
+def test_measured_peaks_are_plausible():
+    """A small measurement: the sizes follow the rules (n doubles from 512; the whole array is read) and the rates
+    are positive and finite."""
+    peaks = measure_peaks(dtypes=("float32",), bandwidth_bytes=8 * 2**20)
+    assert isinstance(peaks, MeasuredPeaks) and peaks.bandwidth_bytes == 8 * 2**20
+    assert 0 < peaks.bandwidth_gbs < 1e5 and 0 < peaks.tflops["float32"] < 1e4
+    n = peaks.gemm_n["float32"]
+    assert n >= 512 and n & (n - 1) == 0 and n <= 8192
+    resolved = resolve_peaks(SimpleNamespace(device_kind="cpu"), "float32", measured=peaks)
+    assert resolved["bandwidth_source"] == resolved["tflops_source"] == "measured"
+    assert resolve_peaks(SimpleNamespace(device_kind="cpu"), "float32", 38.0, measured=peaks)["bandwidth_source"] \
+        == "given"
+    assert resolve_peaks(SimpleNamespace(device_kind="cpu"), "float16", measured=peaks)["tflops"] is None
+
+
+def test_roofline_arithmetic():
+    config = GPT2Config.from_preset("gpt2")
+    _, _, non_embedding = param_stats(random_params(config, abstract=True))
+    # one row: weight matmuls 2 N, attention scores and weighted values over 256 slots 4 L d S, LM head 2 d V
+    assert decode_step_flops(config, non_embedding, 1, 256) == 2 * non_embedding + 4 * 12 * 768 * 256 \
+        + 2 * 768 * 50257
+    assert decode_step_flops(config, non_embedding, 8, 256) == 8 * decode_step_flops(config, non_embedding, 1, 256)
+    peaks = {"bandwidth_gbs": 20.0, "tflops": 0.2}
+    assert roofline_fraction(0.05, 0.5e9, 0.2e9, peaks) == pytest.approx(0.025 / 0.05)  # bandwidth-bound
+    assert roofline_fraction(0.05, 0.1e9, 4e9, peaks) == pytest.approx(0.02 / 0.05)  # FLOP-bound
+    assert roofline_fraction(0.05, 0.5e9, 4e9, {"bandwidth_gbs": None, "tflops": 0.2}) == pytest.approx(0.4)
+    assert roofline_fraction(0.05, 0.5e9, 4e9, {"bandwidth_gbs": None, "tflops": None}) is None
 
 
 def test_validator_rejects_broken_reports(report):

@@ -25,8 +25,16 @@ last position (the engine computes only that one). MFU divides by the device's p
 
 Bytes per decode step: every parameter (the tied LM head reads all of ``wte``) plus the whole static KV cache
 (``2 L b n_head slots head_dim`` elements), which the masked attention reads in full. MBU divides by the peak
-bandwidth. Peaks come from ``--peak-bandwidth`` / ``--peak-flops`` or the table of known devices
-(:mod:`gpt2_jax.inspect.devices`); unknown (e.g. any CPU): the utilisation is null.
+bandwidth. Peaks come from ``--peak-bandwidth`` / ``--peak-flops``, else the table of known devices
+(:mod:`gpt2_jax.inspect.devices`), else they are measured in the same run (:mod:`gpt2_jax.inspect.peaks`: the read
+bandwidth of a large reduction and the float32 / bfloat16 matmul rate, a few seconds; every CPU), so the
+utilisations are never null unless measuring is switched off.
+
+Roofline: a program can go no faster than its bytes at the peak bandwidth nor its FLOPs at the peak matmul rate, so
+``roofline_fraction = max(bytes / bandwidth, flops / peak_flops) / seconds`` (1.0 = at the roofline). A decode
+step reads ``bytes_per_step`` and does ``b * (2 N + 4 L d slots + 2 d V)`` FLOPs (``N`` = parameters outside
+``wte``/``wpe``; the masked attention scores and weights all ``slots``; the LM head over the vocabulary); a
+prefill reads the weights once, writes the cache, and does the prefill FLOPs above.
 
 Low precision: ``--dtype bfloat16`` stores the params in bfloat16 and computes the way generation does on the
 backend (:func:`gpt2_jax.precision.compute_dtype`: float32 on the CPU, where XLA's bfloat16 matrix-vector products
@@ -61,6 +69,7 @@ from ..generation import engine
 from ..generation.weight_layout import decode_weights
 from ._common import dtype_name, resolve_dtype
 from .devices import resolve_peaks
+from .peaks import measure_peaks as measure_device_peaks
 from .. import backend
 from ..precision import (
     QUANTIZATIONS, compute_dtype, is_quantized, params_are_quantized, precision_note, quantize_params,
@@ -98,6 +107,23 @@ def prefill_flops(config: GPT2Config, non_embedding_params: int, batch: int, pro
     """Model FLOPs of prefilling ``batch`` prompts of ``prompt`` tokens (see the module docstring)."""
     d, L, V, T = config.n_embd, config.n_layer, config.vocab_size, prompt
     return float(batch) * (2.0 * non_embedding_params * T + 2.0 * L * d * T * (T + 1) + 2.0 * d * V)
+
+
+def decode_step_flops(config: GPT2Config, non_embedding_params: int, batch: int, slots: int) -> float:
+    """FLOPs of one decode step of ``batch`` rows over a cache of ``slots`` slots (see the module docstring)."""
+    d, L, V = config.n_embd, config.n_layer, config.vocab_size
+    return float(batch) * (2.0 * non_embedding_params + 4.0 * L * d * slots + 2.0 * d * V)
+
+
+def roofline_fraction(seconds: float, n_bytes: float, flops: float, peaks: dict) -> float | None:
+    """``max(bytes / bandwidth, flops / peak FLOP/s) / seconds``: 1.0 is the roofline; a term whose peak is
+    unknown is left out; None when both are."""
+    floors = []
+    if peaks["bandwidth_gbs"]:
+        floors.append(n_bytes / (peaks["bandwidth_gbs"] * 1e9))
+    if peaks["tflops"]:
+        floors.append(flops / (peaks["tflops"] * 1e12))
+    return max(floors) / seconds if floors else None
 
 
 def kv_cache_bytes(config: GPT2Config, batch: int, slots: int, dtype: Any) -> int:
@@ -243,7 +269,9 @@ def _bench_batch(params, config: GPT2Config, dtype: str, batch: int, prompt: int
         }
 
     flops = prefill_flops(config, non_embedding, batch, prompt)
-    step_bytes = n_bytes + kv_cache_bytes(config, batch, slots, cache_dtype)
+    cache_bytes = kv_cache_bytes(config, batch, slots, cache_dtype)
+    step_bytes = n_bytes + cache_bytes
+    step_flops = decode_step_flops(config, non_embedding, batch, slots)
     achieved_gbs = step_bytes / step_s / 1e9
     return {
         "batch": batch,
@@ -254,6 +282,7 @@ def _bench_batch(params, config: GPT2Config, dtype: str, batch: int, prompt: int
             "flops": flops,
             "tflops_per_s": flops / prefill_s / 1e12,
             "mfu": flops / prefill_s / (peaks["tflops"] * 1e12) if peaks["tflops"] else None,
+            "roofline_fraction": roofline_fraction(prefill_s, n_bytes + cache_bytes, flops, peaks),
         },
         "time_to_first_token_s": ttft_s,
         "decode": {
@@ -262,6 +291,8 @@ def _bench_batch(params, config: GPT2Config, dtype: str, batch: int, prompt: int
             "bytes_per_step": step_bytes,
             "bandwidth_gbs": achieved_gbs,
             "mbu": achieved_gbs / peaks["bandwidth_gbs"] if peaks["bandwidth_gbs"] else None,
+            "flops_per_step": step_flops,
+            "roofline_fraction": roofline_fraction(step_s, step_bytes, step_flops, peaks),
         },
         "generate": generate,
         "peak_memory": _peak_memory(device),
@@ -281,6 +312,7 @@ def run_benchmark(
     generate: bool = True,
     peak_bandwidth_gbs: float | None = None,
     peak_tflops: float | None = None,
+    measure_peaks: bool = True,
     model_name: str = "",
     source: str = "",
     seed: int = 0,
@@ -302,6 +334,8 @@ def run_benchmark(
         runs: timed runs per figure (the median is reported), after one compiling call.
         generate: also time the engine's whole ``generate`` call.
         peak_bandwidth_gbs, peak_tflops: the device's peaks (default: looked up for known devices).
+        measure_peaks: measure the peaks that are neither given nor known (:mod:`gpt2_jax.inspect.peaks`, a few
+            seconds), so MBU, MFU and the roofline fractions are filled in.
         model_name, source: recorded in the report.
         seed: seed of the random prompts.
         progress: a progress bar on stderr.
@@ -331,6 +365,10 @@ def run_benchmark(
     weights = jax.block_until_ready(decode_weights(params, tuning=tuning))  # prepared once, as generation does
     device = jax.devices()[0]
     peaks = resolve_peaks(device, dtype, peak_bandwidth_gbs, peak_tflops)
+    measured = None
+    if measure_peaks and (peaks["bandwidth_gbs"] is None or peaks["tflops"] is None):
+        measured = measure_device_peaks(device)
+        peaks = resolve_peaks(device, dtype, peak_bandwidth_gbs, peak_tflops, measured=measured)
     n_params, stored_bytes, non_embedding = param_stats(params)
     _, n_bytes, _ = param_stats(weights)  # bytes a decode step reads: the prepared weights
     rng = np.random.default_rng(seed)
@@ -348,10 +386,14 @@ def run_benchmark(
         notes.append("peak_memory is the process's peak resident set size: this backend reports no device memory "
                      "statistics")
     if peaks["bandwidth_gbs"] is None:
-        notes.append(f"peak bandwidth of {device.device_kind!r} unknown: decode MBU is null (pass --peak-bandwidth)")
+        notes.append(f"peak bandwidth of {device.device_kind!r} unknown: decode MBU is null (pass --peak-bandwidth, "
+                     "or let the bench measure it)")
     if peaks["tflops"] is None:
         notes.append(f"peak FLOP/s of {device.device_kind!r} at {dtype} unknown: prefill MFU is null "
-                     "(pass --peak-flops)")
+                     "(pass --peak-flops, or let the bench measure it)")
+    if measured is not None:
+        notes.append(f"peaks measured in this run ({measured.seconds:.1f} s): a {measured.bandwidth_bytes / 2**20:.0f} "
+                     "MiB reduction and square matmuls, what XLA reaches on this device, not its datasheet")
     bucket = engine.prompt_bucket(prompt)
     if bucket != prompt:
         notes.append(f"the engine pads prompts of {prompt} tokens to {bucket} slots; prefill figures count the "
@@ -367,7 +409,8 @@ def run_benchmark(
                 "backend": jax.default_backend(), "jax_version": jax.__version__, "host": platform.node(),
                 "cpu_count": os.cpu_count(), "known_as": peaks["known_as"],
                 "peak_bandwidth_gbs": peaks["bandwidth_gbs"], "peak_bandwidth_source": peaks["bandwidth_source"],
-                "peak_tflops": peaks["tflops"], "peak_tflops_source": peaks["tflops_source"]},
+                "peak_tflops": peaks["tflops"], "peak_tflops_source": peaks["tflops_source"],
+                "measured_peaks": measured.to_dict() if measured is not None else None},
         settings={"batch_sizes": batch_sizes, "prompt_tokens": prompt, "new_tokens": new, "prompt_bucket": bucket,
                   "cache_slots": bucket + engine.new_token_cap(new), "runs": runs, "greedy": True,
                   "generate": bool(generate), "seed": seed},
@@ -405,7 +448,8 @@ def format_bench_report(report: BenchReport) -> str:
         "",
     ]
     header = (f"{'batch':>5} {'compile s':>10} {'TTFT ms':>8} {'prefill tok/s':>13} {'MFU':>6} "
-              f"{'decode tok/s':>12} {'step ms':>8} {'GB/s':>7} {'MBU':>6} {'generate tok/s':>14} {'peak mem':>9}")
+              f"{'decode tok/s':>12} {'step ms':>8} {'GB/s':>7} {'MBU':>6} {'roofline':>8} {'generate tok/s':>14} "
+              f"{'peak mem':>9}")
     lines.append(header)
     for r in report.results:
         compile_total = sum(v for v in r["compile_s"].values() if v is not None)
@@ -416,6 +460,7 @@ def format_bench_report(report: BenchReport) -> str:
             f"{r['prefill']['tokens_per_s']:>13.0f} {_fmt(r['prefill']['mfu'], '.1%'):>6} "
             f"{r['decode']['tokens_per_s']:>12.1f} {r['decode']['step_seconds'] * 1e3:>8.2f} "
             f"{r['decode']['bandwidth_gbs']:>7.1f} {_fmt(r['decode']['mbu'], '.1%'):>6} "
+            f"{_fmt(r['decode']['roofline_fraction'], '.1%'):>8} "
             f"{_fmt(gen and gen['tokens_per_s'], '.1f'):>14} "
             f"{'-' if mem is None else f'{mem / 2**30:.2f} GiB':>9}"
         )
@@ -452,6 +497,9 @@ def register(subparsers) -> None:
     parser.add_argument("--weights", default=None,
                         help="benchmark these weights instead of random ones (a checkpoint directory or hub id; a "
                              "hub id needs the network once)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random weights with the architecture of --model (the default without --weights; "
+                             "accepted for symmetry with the other commands)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="params dtype (default float32); computed in it on GPU/TPU, in float32 on the CPU "
                              "(XLA CPU's bfloat16 matrix-vector products are ~8x slower)")
@@ -467,6 +515,9 @@ def register(subparsers) -> None:
                         help="the device's peak memory bandwidth (default: known devices' table)")
     parser.add_argument("--peak-flops", type=float, default=None, metavar="TFLOP/s",
                         help="the device's peak matmul TFLOP/s at --dtype (default: known devices' table)")
+    parser.add_argument("--no-measure-peaks", action="store_true",
+                        help="do not measure the peaks of a device missing from the known-devices table (then MBU, "
+                             "MFU and the roofline fraction are null unless --peak-bandwidth / --peak-flops are given)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     parser.add_argument("--json", action="store_true", help="print the JSON report (schema: bench_schema.json)")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -492,6 +543,8 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.out:
         check_output_path(args.out, "JSON report")
+    if getattr(args, "random_weights", False) and args.weights is not None:
+        raise ValueError("--random-weights and --weights exclude each other")
     dtype = resolve_dtype(args.dtype)
     config = architecture(args.model or "gpt2") if args.weights is None or args.model else None
     if config is not None and args.prompt + args.new > config.n_positions:
@@ -509,6 +562,11 @@ def run(args) -> int:
     else:
         params = random_params(config, args.seed, dtype)
         source = f"random weights (seed {args.seed})"
+        if not args.json:
+            from ..checkpoints.random_weights import random_weights_note
+
+            print(f"note: {random_weights_note(source)} (speed does not depend on the weights' values)",
+                  file=sys.stderr)
         name = args.model or "gpt2"
     quantize = getattr(args, "quantize", None)
     if quantize is not None:
@@ -517,6 +575,7 @@ def run(args) -> int:
         params, config, batch_sizes=batch_sizes, prompt=args.prompt, new=args.new, dtype=dtype, quantize=quantize,
         runs=args.runs,
         generate=not args.no_generate, peak_bandwidth_gbs=args.peak_bandwidth, peak_tflops=args.peak_flops,
+        measure_peaks=not args.no_measure_peaks,
         model_name=name, source=source, seed=args.seed, progress=not args.json,
     )
     document = json.dumps(report.to_dict(), indent=1)

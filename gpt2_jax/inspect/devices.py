@@ -2,7 +2,8 @@
 
 Figures are the vendors' published dense (no sparsity) peaks for one JAX device. ``float32`` is the peak that
 JAX's default matmul precision reaches: TF32 tensor cores on NVIDIA Ampere and newer, one bfloat16 pass on TPUs.
-Unknown devices (every CPU included) give None: pass ``--peak-bandwidth`` / ``--peak-flops`` instead.
+Unknown devices (every CPU included) give None here; the bench then measures the device's own peaks
+(:mod:`gpt2_jax.inspect.peaks`), or takes ``--peak-bandwidth`` / ``--peak-flops``.
 """
 
 from __future__ import annotations
@@ -63,12 +64,13 @@ def lookup_device(device_kind: str) -> DevicePeaks | None:
 
 
 def resolve_peaks(device: Any, dtype: str, bandwidth_gbs: float | None = None,
-                  tflops: float | None = None) -> dict[str, Any]:
-    """The peaks to divide by: the given ones, else the table's for ``device`` at ``dtype``, else None.
+                  tflops: float | None = None, measured: Any = None) -> dict[str, Any]:
+    """The peaks to divide by: the given ones, else the table's for ``device`` at ``dtype``, else the
+    ``measured`` ones (a :class:`~gpt2_jax.inspect.peaks.MeasuredPeaks`), else None.
 
     Returns:
         ``{"bandwidth_gbs", "bandwidth_source", "tflops", "tflops_source", "known_as"}``, sources being
-        ``"given"``, ``"table"`` or None (unknown).
+        ``"given"``, ``"table"``, ``"measured"`` or None (unknown).
     """
     known = lookup_device(getattr(device, "device_kind", ""))
     out: dict[str, Any] = {"known_as": known.name if known else None}
@@ -76,12 +78,16 @@ def resolve_peaks(device: Any, dtype: str, bandwidth_gbs: float | None = None,
         out["bandwidth_gbs"], out["bandwidth_source"] = float(bandwidth_gbs), "given"
     elif known is not None:
         out["bandwidth_gbs"], out["bandwidth_source"] = float(known.bandwidth_gbs), "table"
+    elif measured is not None:
+        out["bandwidth_gbs"], out["bandwidth_source"] = float(measured.bandwidth_gbs), "measured"
     else:
         out["bandwidth_gbs"], out["bandwidth_source"] = None, None
     if tflops is not None:
         out["tflops"], out["tflops_source"] = float(tflops), "given"
     elif known is not None and dtype in known.tflops:
         out["tflops"], out["tflops_source"] = float(known.tflops[dtype]), "table"
+    elif measured is not None and dtype in measured.tflops:
+        out["tflops"], out["tflops_source"] = float(measured.tflops[dtype]), "measured"
     else:
         out["tflops"], out["tflops_source"] = None, None
     return out
