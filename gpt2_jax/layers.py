@@ -39,13 +39,43 @@ ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+# Hook points ---------------------------------------------------------------------------------------------------
+# Every activation interpretability code names (TransformerLens's names, :mod:`gpt2_jax.interp`) passes through
+# ``hook_point`` where it is computed. ``hooks`` is None on the plain path: the call returns its argument and adds
+# nothing to the traced program. Otherwise it is a hook runner (:class:`gpt2_jax.interp.runner.HookRunner`) scoped
+# to the module's name prefix (``blocks.3.attn``), which may record, replace or perturb the activation.
+def hook_point(hooks, name: str, x: jax.Array) -> jax.Array:
+    """The activation ``x`` at hook point ``name`` (relative to the scope of ``hooks``), after any hook."""
+    return x if hooks is None else hooks(name, x)
+
+
+def hook_wanted(hooks, name: str) -> bool:
+    """Whether the hook point ``name`` is hooked or recorded (for activations computed only when asked for)."""
+    return hooks is not None and hooks.wants(name)
+
+
+def hook_scope(hooks, prefix: str, layer: int | None = None):
+    """``hooks`` scoped one level down (``prefix`` appended to its names), or None on the plain path."""
+    return None if hooks is None else hooks.scoped(prefix, layer)
+
+
+def hooks_kwarg(hooks) -> dict:
+    """``{"hooks": hooks}`` when hooks are used, else ``{}`` (so variant modules without the field still build)."""
+    return {} if hooks is None else {"hooks": hooks}
+
+
 # Layers --------------------------------------------------------------------------------------------------------
 class LayerNorm(nn.Module):
-    """Layer norm computed in float32 whatever the param and activation dtypes (``scale``/``bias`` params)."""
+    """Layer norm computed in float32 whatever the param and activation dtypes (``scale``/``bias`` params).
+
+    Hook points (relative): ``hook_scale`` ``sqrt(var + eps)`` ``[..., 1]`` and ``hook_normalized`` (before the
+    affine map), as TransformerLens names them.
+    """
 
     epsilon: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    hooks: Any = None
 
     @nn.compact
     def __call__(self, x):
@@ -55,7 +85,13 @@ class LayerNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        inv = jax.lax.rsqrt(var + self.epsilon)
+        if hook_wanted(self.hooks, "hook_scale"):
+            std = jnp.sqrt(var + self.epsilon)  # [..., 1]
+            hooked = self.hooks("hook_scale", std)
+            if hooked is not std:  # replaced or perturbed: normalise by the hooked scale
+                inv = 1.0 / hooked
+        y = hook_point(self.hooks, "hook_normalized", (x32 - mean) * inv)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
@@ -63,6 +99,10 @@ class LayerNorm(nn.Module):
 #: matrix-vector products read fastest. Generation on the CPU passes it
 #: (:mod:`gpt2_jax.generation.weight_layout`); everything else uses the ``params`` kernels ``[in, out]``.
 KERNELS_OUT_IN = "kernels_out_in"
+#: The collection of LoRA adapters (:mod:`gpt2_jax.lora`): ``lora_A [in, r]``, ``lora_B [r, out]``, ``scale``,
+#: ``dropout`` per adapted :class:`Dense`; and the rng stream of the adapters' input dropout (training).
+LORA_COLLECTION = "lora"
+LORA_DROPOUT_RNG = "lora_dropout"
 
 
 class Dense(nn.Module):
@@ -71,7 +111,9 @@ class Dense(nn.Module):
     Computes like ``flax.linen.Dense``. When the variables carry the kernel transposed in the
     :data:`KERNELS_OUT_IN` collection, it reads that one instead (the ``params`` kernel is then not needed).
     Either kernel may be an int8 :class:`~gpt2_jax.precision.QuantizedArray` (per-output-channel scales): the
-    int8 values are converted to ``dtype`` inside the matmul and its output channels scaled.
+    int8 values are converted to ``dtype`` inside the matmul and its output channels scaled. When the variables
+    carry a LoRA adapter in :data:`LORA_COLLECTION`, it adds ``dropout(x) @ lora_A @ lora_B * scale``
+    (:mod:`gpt2_jax.lora`; the dropout only when a :data:`LORA_DROPOUT_RNG` stream is given).
     """
 
     features: int
@@ -101,7 +143,37 @@ class Dense(nn.Module):
             kernel, spec = quantized
             y = jnp.einsum(spec, x, kernel.q.astype(self.dtype)) * kernel.scale.reshape(-1).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return y + bias.astype(self.dtype)
+        y = y + bias.astype(self.dtype)
+        if self.has_variable(LORA_COLLECTION, "lora_A"):
+            y = y + self._lora_update(x)
+        return y
+
+    def _lora_update(self, x):
+        """``dropout(x) @ lora_A @ lora_B * scale``: ``x [..., in]`` -> ``[..., out]``."""
+        a = self.get_variable(LORA_COLLECTION, "lora_A").astype(self.dtype)  # [in, r]
+        b = self.get_variable(LORA_COLLECTION, "lora_B").astype(self.dtype)  # [r, out]
+        scale = self.get_variable(LORA_COLLECTION, "scale").astype(self.dtype)  # []
+        if self.has_rng(LORA_DROPOUT_RNG):
+            rate = self.get_variable(LORA_COLLECTION, "dropout").astype(self.dtype)  # []
+            keep = jax.random.bernoulli(self.make_rng(LORA_DROPOUT_RNG), 1.0 - rate, x.shape)
+            x = jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+        return (x @ a) @ b * scale  # [..., r] -> [..., out]
+
+
+def dense_kernel(module: Dense) -> jax.Array:
+    """The ``[in, out]`` kernel of a bound, already called :class:`Dense` in its compute dtype (from whichever
+    collection it reads: transposed ``[out, in]`` kernels and int8 kernels are brought back to ``[in, out]``)."""
+    from .precision import is_quantized
+
+    if module.has_variable(KERNELS_OUT_IN, "kernel"):
+        kernel, transposed = module.get_variable(KERNELS_OUT_IN, "kernel"), True
+    else:
+        kernel, transposed = module.get_variable("params", "kernel"), False
+    if is_quantized(kernel):
+        kernel = kernel.q.astype(module.dtype) * kernel.scale.reshape((-1, 1) if transposed else (1, -1)).astype(
+            module.dtype)
+    kernel = kernel.astype(module.dtype)
+    return kernel.T if transposed else kernel
 
 
 def dense(features: int, std: float, dtype, param_dtype, name: str) -> Dense:
@@ -144,7 +216,7 @@ def attention_scale(config: GPT2Config, layer_idx) -> float | jax.Array:
     return scale
 
 
-def attention_probs(q, k, visible, scale, *, upcast: bool = False) -> jax.Array:
+def attention_probs(q, k, visible, scale, *, upcast: bool = False, hooks=None) -> jax.Array:
     """Softmax attention probabilities, the softmax always in float32.
 
     Args:
@@ -153,6 +225,8 @@ def attention_probs(q, k, visible, scale, *, upcast: bool = False) -> jax.Array:
         visible: ``[batch, 1, T, S]`` bool, or None for full visibility.
         scale: Python float or traced scalar multiplying ``q . k``.
         upcast: compute the scores in float32 (Hugging Face's ``reorder_and_upcast_attn``).
+        hooks: hook runner scoped to the attention module: ``hook_attn_scores`` (scaled and masked, float32) and
+            ``hook_pattern`` (the probabilities) pass through it.
 
     Returns:
         ``probs [batch, n_head, T, S]`` in k's dtype.
@@ -162,7 +236,8 @@ def attention_probs(q, k, visible, scale, *, upcast: bool = False) -> jax.Array:
     scores = scores.astype(jnp.float32)  # [batch, n_head, T, S]
     if visible is not None:
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).astype(k.dtype)
+    scores = hook_point(hooks, "hook_attn_scores", scores)
+    return hook_point(hooks, "hook_pattern", jax.nn.softmax(scores, axis=-1).astype(k.dtype))
 
 
 def fused_attention(q, k, v, visible, scale, *, causal_only: bool, implementation: str):
@@ -201,6 +276,7 @@ class GPT2Attention(nn.Module):
     deterministic: bool = True
     output_attentions: bool = False
     causal_only: bool = False  # `visible` is the plain causal mask (no padding, no cache)
+    hooks: Any = None  # hook runner scoped to ``blocks.{l}.attn`` (None: no hook points in the program)
 
     def position_qk(self, q: jax.Array, k: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Where a variant injects positions into queries and keys (``[batch, T, n_head, head_dim]`` each,
@@ -228,6 +304,8 @@ class GPT2Attention(nn.Module):
         qkv = dense(3 * cfg.n_embd, cfg.initializer_range, self.dtype, self.param_dtype, "c_attn")(x)
         # [batch, T, 3 * n_embd] -> 3 x [batch, T, n_head, head_dim]
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
+        hooks = self.hooks
+        q, k, v = hook_point(hooks, "hook_q", q), hook_point(hooks, "hook_k", k), hook_point(hooks, "hook_v", v)
         q, k = self.position_qk(q, k, positions)
         # keys/values in the cache's layout: [batch, T, n_head, head_dim] -> [batch, n_head, T, head_dim]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -240,11 +318,14 @@ class GPT2Attention(nn.Module):
 
         scale = attention_scale(cfg, layer_idx)
         dropout_on = cfg.attn_pdrop > 0 and not self.deterministic
+        # hooks on scores or pattern need them materialised: the explicit path, whatever the tuning says
+        hooked_probs = hook_wanted(hooks, "hook_attn_scores") or hook_wanted(hooks, "hook_pattern")
         explicit = (self.output_attentions or head_mask is not None or dropout_on or cfg.reorder_and_upcast_attn
-                    or self.tuning.attention == "explicit")
+                    or self.tuning.attention == "explicit" or hooked_probs)
         probs = None
         if explicit:
-            probs = attention_probs(q.transpose(0, 2, 1, 3), k, visible, scale, upcast=cfg.reorder_and_upcast_attn)
+            probs = attention_probs(q.transpose(0, 2, 1, 3), k, visible, scale, upcast=cfg.reorder_and_upcast_attn,
+                                    hooks=hooks)
             probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=self.deterministic)
             if head_mask is not None:
                 probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
@@ -252,26 +333,37 @@ class GPT2Attention(nn.Module):
         else:  # [batch, n_head, S, head_dim] -> [batch, S, n_head, head_dim], the layout it takes
             out = fused_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), visible, scale,
                                   causal_only=self.causal_only, implementation=self.tuning.attention)
-        out = out.reshape(batch, length, cfg.n_embd)  # [batch, T, n_head, head_dim] -> [batch, T, n_embd]
-        out = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(out)
+        out = hook_point(hooks, "hook_z", out)  # [batch, T, n_head, head_dim]
+        proj = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")
+        flat = out.reshape(batch, length, cfg.n_embd)  # [batch, T, n_head, head_dim] -> [batch, T, n_embd]
+        if hook_wanted(hooks, "hook_result"):  # per-head outputs, computed only when asked for
+            proj(flat)  # binds (or creates) c_proj's params; its value is unused
+            w_o = dense_kernel(proj).reshape(cfg.n_head, cfg.head_dim, cfg.n_embd)
+            result = jnp.einsum("bthd,hdm->bthm", out.astype(self.dtype), w_o)  # [batch, T, n_head, n_embd]
+            result = hook_point(hooks, "hook_result", result)
+            out = result.sum(axis=2) + proj.get_variable("params", "bias").astype(self.dtype)
+        else:
+            out = proj(flat)
         out = nn.Dropout(cfg.resid_pdrop)(out, deterministic=self.deterministic)
         return out, (probs if self.output_attentions else None), new_cache
 
 
 class GPT2MLP(nn.Module):
-    """``c_fc`` -> activation -> ``c_proj`` -> dropout."""
+    """``c_fc`` -> activation -> ``c_proj`` -> dropout. Hook points (relative): ``hook_pre``, ``hook_post``."""
 
     config: GPT2Config
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     deterministic: bool = True
+    hooks: Any = None  # hook runner scoped to ``blocks.{l}.mlp``
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
         h = dense(cfg.inner_dim, cfg.initializer_range, self.dtype, self.param_dtype, "c_fc")(x)
-        h = ACTIVATION_FNS[cfg.activation_function](h)  # [batch, T, n_inner]
+        h = hook_point(self.hooks, "hook_pre", h)  # [batch, T, n_inner]
+        h = hook_point(self.hooks, "hook_post", ACTIVATION_FNS[cfg.activation_function](h))  # [batch, T, n_inner]
         h = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(h)
         return nn.Dropout(cfg.resid_pdrop)(h, deterministic=self.deterministic)
 
@@ -291,6 +383,7 @@ class GPT2Block(nn.Module):
     output_attentions: bool = False
     output_hidden_states: bool = False
     causal_only: bool = False
+    hooks: Any = None  # hook runner (unscoped); the block scopes it to ``blocks.{layer_idx}``
 
     @nn.compact
     def __call__(self, x, positions, visible, layer_idx, layer_cache=None, cache_index=None, head_mask=None):
@@ -298,13 +391,19 @@ class GPT2Block(nn.Module):
         None, layer_cache or None))``; ``hidden`` is the block output when ``output_hidden_states``."""
         cfg = self.config
         variant = get_variant(cfg.variant)
-        norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype, name=name)
+        hooks = hook_scope(self.hooks, f"blocks.{layer_idx}", layer_idx)  # None on the plain path
+        norm = lambda name, scope: LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype,
+                                             hooks=hook_scope(hooks, scope), name=name)
         attn = variant.attention(cfg, self.tuning, self.dtype, self.param_dtype, self.deterministic,
-                                 self.output_attentions, self.causal_only, name="attn")
-        attn_out, probs, layer_cache = attn(norm("ln_1")(x), positions, visible, layer_idx, layer_cache,
+                                 self.output_attentions, self.causal_only, name="attn",
+                                 **hooks_kwarg(hook_scope(hooks, "attn")))
+        x = hook_point(hooks, "hook_resid_pre", x)
+        attn_out, probs, layer_cache = attn(norm("ln_1", "ln1")(x), positions, visible, layer_idx, layer_cache,
                                             cache_index, head_mask)
-        x = x + attn_out
-        x = x + variant.mlp(cfg, self.dtype, self.param_dtype, self.deterministic, name="mlp")(norm("ln_2")(x))
+        x = hook_point(hooks, "hook_resid_mid", x + hook_point(hooks, "hook_attn_out", attn_out))
+        mlp = variant.mlp(cfg, self.dtype, self.param_dtype, self.deterministic, name="mlp",
+                          **hooks_kwarg(hook_scope(hooks, "mlp")))
+        x = hook_point(hooks, "hook_resid_post", x + hook_point(hooks, "hook_mlp_out", mlp(norm("ln_2", "ln2")(x))))
         if self.tuning.cut_block_gradients:
             x = cut_gradient(x)
         return x, (x if self.output_hidden_states else None, probs, layer_cache)
@@ -346,6 +445,7 @@ class GPT2BlockStack(nn.Module):
     output_hidden_states: bool = False
     causal_only: bool = False
     remat_policy: str = "none"
+    hooks: Any = None  # hook runner (unrolled stack only; see gpt2_jax.interp)
 
     @nn.compact
     def __call__(self, x, positions, visible, cache=None, head_mask=None):
@@ -355,7 +455,8 @@ class GPT2BlockStack(nn.Module):
         block_cls = remat_block(get_variant(cfg.variant).block, self.remat_policy)
         fields = dict(config=cfg, tuning=self.tuning, dtype=self.dtype, param_dtype=self.param_dtype,
                       deterministic=self.deterministic, output_attentions=self.output_attentions,
-                      output_hidden_states=self.output_hidden_states, causal_only=self.causal_only)
+                      output_hidden_states=self.output_hidden_states, causal_only=self.causal_only,
+                      **hooks_kwarg(self.hooks))
         cache_index = cache.index if cache is not None else None
         block_outputs, attentions, keys, values = [], [], [], []
         for i in range(cfg.n_layer):
@@ -389,8 +490,8 @@ def scanned_blocks(x, positions, visible, cache, head_mask, *, fields: dict, rem
     block_cls = remat_block(get_variant(cfg.variant).block, remat_policy)
     scan = nn.scan(
         block_cls,
-        variable_axes={"params": 0, KERNELS_OUT_IN: 0},  # generation's transposed kernels are stacked too
-        split_rngs={"params": True, "dropout": True},
+        variable_axes={"params": 0, KERNELS_OUT_IN: 0, LORA_COLLECTION: 0},  # transposed kernels, adapters stacked too
+        split_rngs={"params": True, "dropout": True, LORA_DROPOUT_RNG: True},
         in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, 0),
         length=cfg.n_layer,
     )

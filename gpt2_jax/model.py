@@ -31,7 +31,8 @@ from . import backend
 from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import KVCache, advance
-from .layers import GPT2BlockStack, LayerNorm, check_remat_policy, dense, get_variant, scanned_blocks
+from .layers import (GPT2BlockStack, LayerNorm, check_remat_policy, dense, get_variant, hook_point, hook_scope,
+                     hooks_kwarg, scanned_blocks)
 from .losses import IGNORE_INDEX, causal_lm_loss, cross_entropy
 
 Dtype = Any
@@ -158,6 +159,9 @@ class _GPT2Base(nn.Module):
             default backend (:func:`gpt2_jax.backend.tuning_for`).
         remat_policy: rematerialise each block in the backward pass
             (:data:`gpt2_jax.layers.REMAT_POLICIES`: ``none``, ``full``, ``dots_saveable``, ``minimal``).
+        hooks: a hook runner (:mod:`gpt2_jax.interp`, built by ``run_with_hooks`` / ``run_with_cache`` and the
+            generation engine) that every hook point passes through; None (the default) adds nothing to the
+            program. Needs the unrolled blocks (``scan_layers=False``) and ``remat_policy='none'``.
     """
 
     config: GPT2Config
@@ -165,6 +169,7 @@ class _GPT2Base(nn.Module):
     param_dtype: Dtype = jnp.float32
     tuning: Tuning | None = None
     remat_policy: str = "none"
+    hooks: Any = None
 
     def setup(self):
         cfg = self.config
@@ -176,7 +181,8 @@ class _GPT2Base(nn.Module):
         if get_variant(cfg.variant).learned_positions:
             self.wpe = embed(cfg.n_positions)
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype)
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, self.dtype, self.param_dtype,
+                              hooks=hook_scope(self.hooks, "ln_final"))
 
     @nn.compact
     def transformer(
@@ -201,7 +207,7 @@ class _GPT2Base(nn.Module):
                 raise ValueError(f"input_ids must be [batch, seq], got shape {list(input_ids.shape)}")
             _check_ids("input_ids", input_ids, cfg.vocab_size)
             batch, length = input_ids.shape
-            hidden = self.wte(input_ids)  # [batch, T, n_embd]
+            hidden = hook_point(self.hooks, "hook_embed", self.wte(input_ids))  # [batch, T, n_embd]
         else:
             inputs_embeds = jnp.asarray(inputs_embeds)
             if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != cfg.n_embd:
@@ -209,7 +215,7 @@ class _GPT2Base(nn.Module):
                     f"inputs_embeds must be [batch, seq, n_embd={cfg.n_embd}], got {list(inputs_embeds.shape)}"
                 )
             batch, length, _ = inputs_embeds.shape
-            hidden = inputs_embeds.astype(self.dtype)
+            hidden = hook_point(self.hooks, "hook_embed", inputs_embeds.astype(self.dtype))
         if length == 0:
             raise ValueError("the input sequence is empty")
         limit = cache.max_length if cache is not None else cfg.n_positions
@@ -233,8 +239,11 @@ class _GPT2Base(nn.Module):
         else:
             position_ids = jnp.broadcast_to(jnp.asarray(position_ids), (batch, length))
             _check_ids("position_ids", position_ids, cfg.n_positions)
+        if self.hooks is not None:
+            self._check_hookable()
+            self.hooks.bind(positions=position_ids, token_mask=token_mask)
         if get_variant(cfg.variant).learned_positions:
-            hidden = hidden + self.wpe(position_ids)
+            hidden = hidden + hook_point(self.hooks, "hook_pos_embed", self.wpe(position_ids))
         if token_type_ids is not None:
             token_type_ids = jnp.broadcast_to(jnp.asarray(token_type_ids), (batch, length))
             _check_ids("token_type_ids", token_type_ids, cfg.vocab_size)
@@ -260,7 +269,8 @@ class _GPT2Base(nn.Module):
             hidden, block_outputs, attentions, kv = scanned_blocks(
                 embedded, position_ids, visible, cache, head_mask, fields=fields, remat_policy=remat_policy)
         else:
-            hidden, block_outputs, attentions, kv = GPT2BlockStack(**fields, remat_policy=remat_policy, name="h")(
+            hidden, block_outputs, attentions, kv = GPT2BlockStack(
+                **fields, remat_policy=remat_policy, name="h", **hooks_kwarg(self.hooks))(
                 embedded, position_ids, visible, cache, head_mask)
         hidden = self.ln_f(hidden)
         new_cache = advance(cache, kv[0], kv[1], token_mask) if cache is not None else None
@@ -270,6 +280,16 @@ class _GPT2Base(nn.Module):
             attentions=tuple(attentions) if output_attentions else None,
             cache=new_cache,
         )
+
+    def _check_hookable(self) -> None:
+        """Hooks run on the unrolled blocks without remat (they record and replace activations as the Python
+        code of each block is traced; ``nn.scan`` and ``nn.remat`` trace a block in an inner program)."""
+        if self.config.scan_layers:
+            raise ValueError(
+                "hooks need the unrolled blocks: this config has scan_layers=True; use "
+                "config, params = gpt2_jax.with_scan_layers(config, params, False) for the same model unrolled")
+        if self.remat_policy != "none":
+            raise ValueError(f"hooks need remat_policy='none' (got {self.remat_policy!r})")
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy)."""

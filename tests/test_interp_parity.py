@@ -1,0 +1,73 @@
+"""Every hook point equals TransformerLens's (a ``TransformerBridge`` booted offline over the same random weights),
+unpadded and left-padded, within atol 1e-5 (float32 round-off of O(1) activations through two blocks: ~1e-6)."""
+
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens")
+
+from gpt2_jax.interp import hook_names, run_with_cache
+from hf_reference import hf_model
+from interp_helpers import TINY, boot_bridge, max_dev
+from test_model_parity import random_params
+
+ATOL = 1e-5
+#: hook_result is not a hook of the bridge unless use_attn_result is set; it is compared after setting it.
+SHAPES = {"hook_q": "bthd", "hook_k": "bthd", "hook_v": "bthd", "hook_z": "bthd", "hook_attn_scores": "bhqk",
+          "hook_pattern": "bhqk"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    params = random_params(TINY, seed=3)
+    model = hf_model(params, TINY)
+    start = time.perf_counter()
+    bridge = boot_bridge(model, TINY, str(tmp_path_factory.mktemp("tl")))
+    print(f"\nTransformerBridge boot: {time.perf_counter() - start:.2f} s")
+    return params, bridge
+
+
+def _masks(name, mask, ndim):
+    """Where ours and TransformerLens's values are compared: real query tokens (and visible keys for scores)."""
+    real = mask.astype(bool)  # [batch, T]
+    if name.endswith(("hook_attn_scores", "hook_pattern")):  # [batch, head, query, key]
+        causal = np.tril(np.ones((mask.shape[1],) * 2, bool))
+        return real[:, None, :, None] & real[:, None, None, :] & causal
+    return real.reshape(real.shape + (1,) * (ndim - 2))  # [batch, pos, ...]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_every_hook_point_matches_transformer_lens(setup, padded):
+    params, bridge = setup
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, TINY.vocab_size - 2, (2, 7))
+    mask = np.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+        ids[0, :3] = TINY.pad_token_id
+    # Given a mask, the bridge counts positions over the real tokens, as our default does.
+    logits, cache = run_with_cache(params, TINY, jnp.asarray(ids), names=hook_names(TINY),
+                                   attention_mask=jnp.asarray(mask))
+    kwargs = {"attention_mask": torch.from_numpy(mask)} if padded else {}
+    bridge.set_use_attn_result(True)
+    with torch.no_grad():
+        ref_logits, ref = bridge.run_with_cache(torch.from_numpy(ids), **kwargs)
+    deviations = {}
+    for name in hook_names(TINY):
+        assert name in ref, f"{name} is not a hook of the bridge"
+        ours = np.asarray(cache[name])
+        theirs = ref[name].detach().numpy()
+        assert ours.shape == theirs.shape, (name, ours.shape, theirs.shape)
+        deviations[name] = max_dev(ours, theirs, _masks(name, mask, ours.ndim))
+    deviations["logits"] = max_dev(logits, ref_logits.detach().numpy(), mask.astype(bool)[:, :, None])
+    print("\nlargest deviation per hook (" + ("left-padded" if padded else "unpadded") + "):")
+    for name, dev in deviations.items():
+        print(f"  {name:40s} {dev:.2e}")
+    bad = {n: d for n, d in deviations.items() if not d <= ATOL}
+    assert not bad, bad
