@@ -12,6 +12,7 @@ import os
 import sys
 
 from .errors import CLIError  # re-exported: it lives below every CLI
+from .helptext import clean_parser_help
 
 __all__ = ["CLIError", "COMMANDS", "build_parser", "main"]
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module_name in COMMANDS.values():
         importlib.import_module(module_name).register(subparsers)
+    clean_parser_help(parser)  # the modules' reST docstrings, as plain text
     return parser
 
 

@@ -115,6 +115,12 @@ class GPT2Config:
         """Alias of ``n_positions`` (the name OpenAI's hparams.json and older HF configs use)."""
         return self.n_positions
 
+    def __repr__(self) -> str:
+        """Only the fields that differ from the defaults (the released ``gpt2``): ``GPT2Config(n_layer=2, ...)``."""
+        from .reprs import short_dataclass_repr
+
+        return short_dataclass_repr(self)
+
     def replace(self, **changes: Any) -> "GPT2Config":
         """A copy with some fields changed (validated again)."""
         if "n_ctx" in changes:

@@ -282,6 +282,20 @@ def ranks_to_merges(ranks: Mapping[bytes, int]) -> list[tuple[bytes, bytes]]:
     return merges
 
 
+def _vocab_and_merges_text(ranks: Mapping[bytes, int], vocab: Mapping[str, int]) -> tuple[str, str]:
+    """Hugging Face ``vocab.json`` and ``merges.txt`` text for BPE ``ranks`` with token->id ``vocab``."""
+    merges = ranks_to_merges(ranks)
+    vocab_text = json.dumps(dict(vocab), ensure_ascii=False, indent=2) + "\n"
+    merges_text = "\n".join([_MERGES_HEADER, *(f"{_bytes_to_token_str(a)} {_bytes_to_token_str(b)}"
+                                               for a, b in merges)]) + "\n"
+    return vocab_text, merges_text
+
+
+@functools.cache
+def _bundled_vocab_and_merges_text() -> tuple[str, str]:
+    return _vocab_and_merges_text(bundled_ranks(), GPT2Tokenizer().get_vocab())
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (:func:`gpt2_jax.atomic.atomic_write_path`: a temporary file beside
     it, fsynced, given the mode ``0o666 & ~umask`` and renamed into place)."""
@@ -399,7 +413,7 @@ class GPT2Tokenizer:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        merges = ranks_to_merges(self._ranks)
+        vocab_text, merges_text = self._hf_vocab_and_merges_text
         special = {f"{k}_token": EOT_TOKEN for k in ("bos", "eos", "unk", "pad")}
         config = {
             "add_bos_token": False,
@@ -416,15 +430,22 @@ class GPT2Tokenizer:
             "tokenizer_class": "GPT2Tokenizer",
         }
         files = {
-            "vocab.json": json.dumps(self.get_vocab(), ensure_ascii=False, indent=2) + "\n",
-            "merges.txt": "\n".join([_MERGES_HEADER, *(f"{_bytes_to_token_str(a)} {_bytes_to_token_str(b)}"
-                                                       for a, b in merges)]) + "\n",
+            "vocab.json": vocab_text,
+            "merges.txt": merges_text,
             "tokenizer_config.json": json.dumps(config, ensure_ascii=False, indent=2) + "\n",
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n",
         }
         for name, text in files.items():
             _atomic_write_text(directory / name, text)
         return [directory / name for name in files]
+
+    @functools.cached_property
+    def _hf_vocab_and_merges_text(self) -> tuple[str, str]:
+        """The text of ``vocab.json`` and ``merges.txt`` (they depend on the ranks only; the bundled ranks' are
+        rendered once per process, as deriving the merges takes a few seconds)."""
+        if self._ranks is bundled_ranks():
+            return _bundled_vocab_and_merges_text()
+        return _vocab_and_merges_text(self._ranks, self.get_vocab())
 
     # ---- vocabulary
 

@@ -36,19 +36,20 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``gpt2-jax convert``; returns the exit code."""
     from .convert import convert_checkpoint
+    from ..errors import CLIError
+    from .hub import HubUnavailableError
     from .pretrained import TokenizerFallbackWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TokenizerFallbackWarning)  # printed below as a note instead
-        loaded = convert_checkpoint(
-            args.src,
-            args.dst,
-            dtype=args.dtype,
-            revision=args.revision,
-            overwrite=args.overwrite,
-            local_files_only=args.local_files_only,
-            progress=not args.quiet,
-        )
+        try:
+            loaded = convert_checkpoint(args.src, args.dst, dtype=args.dtype, revision=args.revision,
+                                        overwrite=args.overwrite, local_files_only=args.local_files_only,
+                                        progress=not args.quiet)
+        except HubUnavailableError as e:  # its advice names --model, which convert does not have
+            problem = getattr(e, "problem", str(e))
+            raise CLIError(f"{problem}: give a local checkpoint directory as SRC, or run once with network access "
+                           "to fill the cache (afterwards --local-files-only works offline)") from None
     for note in loaded.notes:
         print(f"note: {note}", file=sys.stderr)
     import jax

@@ -27,6 +27,7 @@ def is_floating(dtype) -> bool:
     return np.issubdtype(dtype, np.floating) or np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16)
 
 SAFETENSORS_NAME = "model.safetensors"
+GPT2_VOCAB_SIZE = 50257  # the bundled tokenizer's vocabulary: 50000 merges + 256 bytes + <|endoftext|>
 
 
 def cast_to(dtype: Any) -> Callable[[np.ndarray], jnp.ndarray]:
@@ -68,7 +69,7 @@ def save_hf_directory(
     params: Mapping,
     config: GPT2Config,
     dtype: Any = None,
-    tokenizer: Any = None,
+    tokenizer: Any = "gpt2",
     progress: Callable[[int], None] | None = None,
 ) -> Path:
     """Write ``params`` as a Hugging Face directory that ``transformers`` ``from_pretrained`` loads.
@@ -81,13 +82,23 @@ def save_hf_directory(
         params: our params pytree.
         config: its config (written as ``config.json``).
         dtype: cast floating tensors to this dtype (None keeps theirs).
-        tokenizer: an object with ``save_pretrained(directory)`` to write tokenizer files too.
+        tokenizer: what to write as the tokenizer files (``vocab.json``, ``merges.txt``, ``tokenizer_config.json``,
+            ``special_tokens_map.json``): ``"gpt2"`` (default) GPT-2's, from the BPE ranks bundled with the package,
+            when ``config.vocab_size`` is at least GPT-2's 50257 (a smaller vocabulary gets none); an object with
+            ``save_pretrained(directory)`` (e.g. a :class:`~gpt2_jax.tokenizer.GPT2Tokenizer`) writes its own;
+            None writes none. A directory with tokenizer files loads without a ``TokenizerFallbackWarning``.
         progress: called with bytes written after each tensor.
     """
     def convert(leaf):
         array = np.asarray(leaf)
         return array.astype(dtype) if dtype is not None and is_floating(array.dtype) else array
 
+    if isinstance(tokenizer, str):
+        if tokenizer != "gpt2":
+            raise ValueError(f"tokenizer must be 'gpt2', None or an object with save_pretrained, got {tokenizer!r}")
+        from ..tokenizer import GPT2Tokenizer
+
+        tokenizer = GPT2Tokenizer() if config.vocab_size >= GPT2_VOCAB_SIZE else None
     state = params_to_state_dict(params, convert)
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(config.to_json_string(), encoding="utf-8")

@@ -155,11 +155,14 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 def _unavailable(name: str, repo_id: str, revision: str, reason: str) -> HubUnavailableError:
     from huggingface_hub import constants
 
-    return HubUnavailableError(
-        f"cannot download {name!r} ({reason}) and it is not in the Hugging Face cache "
-        f"({constants.HF_HUB_CACHE}, repository {repo_id}, revision {revision}): pass a local directory with "
-        f"--model / as name_or_path, or run once with network access to fill the cache"
+    problem = (f"cannot download {name!r} ({reason}) and it is not in the Hugging Face cache "
+               f"({constants.HF_HUB_CACHE}, repository {repo_id}, revision {revision})")
+    error = HubUnavailableError(
+        f"{problem}: pass a local directory with --model / as name_or_path, or run once with network access to "
+        "fill the cache"
     )
+    error.problem = problem  # without the advice, for callers whose flags differ (``gpt2-jax convert``: SRC)
+    return error
 
 
 def _download(repo_id: str, filename: str, revision: str, offline: bool):

@@ -67,6 +67,14 @@ class Pretrained:
     revision: str | None = None
     notes: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        """One line: the config, the params summarised (never the arrays), format, source, revision, notes."""
+        from ..reprs import short_dataclass_repr, tree_summary
+
+        return short_dataclass_repr(self, params=tree_summary(self.params),
+                                    tokenizer=f"<{type(self.tokenizer).__name__}, "
+                                              f"{getattr(self.tokenizer, 'vocab_size', '?')} tokens>")
+
 
 def _tokenizer_and_note(directory: Path) -> tuple[GPT2Tokenizer, str | None]:
     for vocab, merges in (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")):

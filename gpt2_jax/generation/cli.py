@@ -64,7 +64,11 @@ def register(subparsers) -> None:
         "--greedy for greedy decoding, --num-beams N for beam search.",
     )
     p.add_argument("prompt", help='the prompt ("" starts from <|endoftext|>)')
-    p.add_argument("--model", default="gpt2", help="hub id or local checkpoint directory (default: gpt2)")
+    p.add_argument("--model", default="gpt2", help="hub id or local checkpoint directory (default: gpt2); with "
+                   "--random-weights, the architecture (a preset such as gpt2, or a config.json)")
+    from ..checkpoints.random_weights import add_random_weights_argument
+
+    add_random_weights_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default: 50)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="no <|endoftext|> before this many tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default: 1.0)")
@@ -134,11 +138,13 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from ..checkpoints.pretrained import from_pretrained
+    from ..checkpoints.random_weights import is_random, load_or_random
     from .text import generate_text, stream_text
 
     t0 = time.perf_counter()
-    model = from_pretrained(args.model, dtype=args.dtype)
+    model = load_or_random(args.model, getattr(args, "random_weights", False), seed=args.seed, dtype=args.dtype)
+    if is_random(model):
+        print(f"note: {model.notes[0]}", file=sys.stderr)
     quantize = getattr(args, "quantize", None)
     if quantize is not None:
         import dataclasses

@@ -155,6 +155,12 @@ class GenerationConfig:
             return None
         return (self.eos_token_id,) if _is_int(self.eos_token_id) else tuple(self.eos_token_id)
 
+    def __repr__(self) -> str:
+        """Only the fields that differ from the defaults."""
+        from ..reprs import short_dataclass_repr
+
+        return short_dataclass_repr(self)
+
     def replace(self, **changes: Any) -> "GenerationConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

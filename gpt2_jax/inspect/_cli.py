@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-from pathlib import Path
+import sys
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
-from ..config import PRESETS, GPT2Config
-from ..model import init_params
+from ..checkpoints.random_weights import (add_random_weights_argument, architecture, random_params,
+                                         random_pretrained)
+from ..config import GPT2Config
 from ._common import DTYPES, resolve_dtype
+
+__all__ = ["LoadedModel", "add_model_arguments", "architecture", "load_model", "random_params"]
 
 
 @dataclasses.dataclass
@@ -42,47 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "f
     group.add_argument("--local-files-only", action="store_true", help="never touch the network")
     group.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype,
                        help=f"params and computation dtype (default {default_dtype})")
-    group.add_argument(
-        "--random-weights", action="store_true",
-        help="do not load weights: random ones with the architecture of --model (a preset name, a config.json or "
-             "a directory holding one); offline, for trying the tools out (the outputs mean nothing)",
-    )
+    add_random_weights_argument(group)
     group.add_argument("--seed", type=int, default=0, help="PRNG seed of --random-weights (default 0)")
-
-
-def architecture(name_or_path: str | os.PathLike) -> GPT2Config:
-    """The config named by a preset (``gpt2``, ``openai-community/gpt2-xl`` ...), a ``config.json`` file, or a
-    directory holding one."""
-    text = os.fspath(name_or_path)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        from ..checkpoints.pretrained import read_config
-
-        return read_config(path)
-    if path.is_file():
-        return GPT2Config.from_json_file(path)
-    if text.split("/")[-1] in PRESETS:
-        return GPT2Config.from_preset(text)
-    raise ValueError(
-        f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file nor a directory holding one"
-    )
-
-
-def random_params(config: GPT2Config, seed: int = 0, dtype: Any = jnp.float32, abstract: bool = False) -> Any:
-    """GPT-2-initialised params of ``config`` (``abstract``: shapes and dtypes only, nothing allocated)."""
-    init = lambda: init_params(jax.random.PRNGKey(seed), config, param_dtype=dtype)
-    return jax.eval_shape(init) if abstract else init()
-
-
-def _tokenizer_for(name_or_path: str):
-    from ..tokenizer import GPT2Tokenizer
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        from ..checkpoints.pretrained import load_tokenizer
-
-        return load_tokenizer(path)
-    return GPT2Tokenizer()
 
 
 def load_model(args: argparse.Namespace, abstract: bool = False) -> LoadedModel:
@@ -90,10 +50,10 @@ def load_model(args: argparse.Namespace, abstract: bool = False) -> LoadedModel:
     only)."""
     dtype = resolve_dtype(args.dtype)
     if args.random_weights:
-        config = architecture(args.model)
-        params = random_params(config, args.seed, dtype, abstract)
-        source = f"random weights (seed {args.seed}), architecture of {args.model}"
-        return LoadedModel(config, params, _tokenizer_for(args.model), source, dtype, True)
+        model = random_pretrained(args.model, args.seed, dtype, abstract)
+        if not abstract:  # shapes only (info) are true of any weights; anything computed from random ones is noise
+            print(f"note: {model.notes[0]}", file=sys.stderr)
+        return LoadedModel(model.config, model.params, model.tokenizer, model.source, dtype, True)
     from ..checkpoints.pretrained import from_pretrained
 
     loaded = from_pretrained(args.model, revision=args.revision, dtype=dtype, local_files_only=args.local_files_only)

@@ -6,6 +6,14 @@ Examples::
     gpt2-jax train --model gpt2 --data train.jsonl --eval-data valid.jsonl --out run/ --lr 1e-4 --steps 2000
     gpt2-jax train --out run/ --resume                     # continue after a crash, same settings
     gpt2-jax train ... --mesh-model 4 --strategy fsdp     # shard params over 4 of the devices
+    gpt2-jax train --random-weights --model gpt2 ...       # from scratch, the gpt2 architecture (= --config-preset)
+
+Before the first step it prints an estimate of the time per step and for the whole run (from the model size, the
+tokens per step and this machine's measured matmul rate), then "compiling the train step (first call)..." with
+the compile time; the progress bar (ETA from compiled steps only) shows each step's own loss.
+
+Ctrl-C (or SIGTERM) stops at the next step boundary: the step in flight finishes, a checkpoint is saved, and
+--resume continues from it. A second Ctrl-C aborts at once, without saving.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ def register(subparsers) -> None:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", help="checkpoint to fine-tune: a hub id (gpt2, gpt2-medium, ...) or a local directory")
+    g.add_argument("--random-weights", action="store_true",
+                   help="train from random weights with the architecture --model names (a preset such as gpt2, or a "
+                        "config.json): the same as --config-preset for the released sizes; offline")
     g.add_argument("--config-preset", help="train from scratch: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     g.add_argument("--config", dest="config_overrides", type=_override, action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --config n_layer=2 (repeatable; dropout only for --model)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 
 
@@ -20,6 +21,9 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="hub id or local checkpoint directory (e.g. a run's final/)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="evaluate random weights with the architecture --model names (a preset such as gpt2, or a "
+                        "config.json): offline, a baseline (the loss of an untrained model is about ln(vocab))")
     p.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl / token .bin files")
     p.add_argument("--text-field", default="text", help="JSONL field with the text (default: text)")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's n_positions)")
@@ -37,15 +41,17 @@ def run(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from ..checkpoints.pretrained import from_pretrained
+    from ..checkpoints.random_weights import is_random, load_or_random
     from .data import load_or_tokenize
     from .evaluate import evaluate
     from .loop import _check_vocab
 
     try:
-        loaded = from_pretrained(args.model)
+        loaded = load_or_random(args.model, getattr(args, "random_weights", False))
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {args.model!r}: {e}") from None
+    if is_random(loaded):
+        print(f"note: {loaded.notes[0]}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="gpt2-jax-eval-") as tmp:
         tokens = np.array(load_or_tokenize(args.data, tmp, loaded.tokenizer, args.text_field, args.progress))
     _check_vocab(tokens, loaded.config, "evaluation")

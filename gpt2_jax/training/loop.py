@@ -78,6 +78,7 @@ class TrainConfig:
     model: str | None = None  # hub id or local checkpoint (from_pretrained); or None with config_preset
     config_preset: str | None = None  # gpt2 / gpt2-medium / gpt2-large / gpt2-xl / tiny / small: from scratch
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. {"n_layer": 2}
+    random_weights: bool = False  # with model: random weights of its architecture (preset or config.json), offline
     eval_data: list[str] | None = None
     text_field: str = "text"
     seq_len: int | None = None  # default: the model's n_positions
@@ -114,6 +115,12 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     overwrite: bool = False
+
+    def __repr__(self) -> str:
+        """Only the settings that differ from the defaults."""
+        from ..reprs import short_dataclass_repr
+
+        return short_dataclass_repr(self)
 
     def optimizer_config(self) -> OptimizerConfig:
         """The :class:`OptimizerConfig` these settings describe."""
@@ -163,6 +170,17 @@ def resolve_model_config(cfg: TrainConfig) -> tuple[GPT2Config, Any, Any]:
         except ValueError as e:
             known = ", ".join([*TRAINING_PRESETS, "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"])
             raise ValueError(f"{e} (presets: {known})" if "preset" in str(e) else str(e)) from None
+        return config, None, GPT2Tokenizer()
+    if cfg.random_weights:  # initialised later from the seed, like a preset
+        from ..checkpoints.random_weights import architecture
+
+        try:
+            config = architecture(cfg.model)
+            config = config.replace(**cfg.config_overrides) if cfg.config_overrides else config
+        except (OSError, TypeError, ValueError) as e:
+            raise ValueError(f"--random-weights --model {cfg.model!r}: {e}") from None
+        _log(f"note: RANDOM WEIGHTS: training starts from random weights (seed {cfg.seed}) with the architecture "
+             f"of {cfg.model}; nothing was loaded")
         return config, None, GPT2Tokenizer()
     from ..checkpoints.pretrained import from_pretrained
 

@@ -35,6 +35,12 @@ class OptimizerConfig:
     weight_decay: float = 0.1  # decoupled, on matmul kernels only (see decay_mask)
     grad_clip: float | None = 1.0  # clip the global gradient norm to this (None: no clipping)
 
+    def __repr__(self) -> str:
+        """Only the settings that differ from the defaults."""
+        from ..reprs import short_dataclass_repr
+
+        return short_dataclass_repr(self)
+
     def __post_init__(self):
         if self.learning_rate < 0 or self.weight_decay < 0:
             raise ValueError("learning_rate and weight_decay must be >= 0")

@@ -56,6 +56,19 @@ class TrainState:
         """A state at step 0 with a fresh optimizer state."""
         return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
+    def __repr__(self) -> str:
+        """``TrainState(step=10, skipped=0, params=<N params in K float32 arrays>, opt_state=<...>)``."""
+        from ..reprs import tree_summary
+
+        def scalar(x):
+            try:
+                return str(int(x))
+            except Exception:  # a tracer
+                return f"<{getattr(x, 'dtype', '?')}{list(getattr(x, 'shape', ()))}>"
+
+        return (f"TrainState(step={scalar(self.step)}, skipped={scalar(self.skipped)}, "
+                f"params={tree_summary(self.params)}, opt_state={tree_summary(self.opt_state, 'numbers')})")
+
     def to_dict(self) -> dict:
         """The state as a plain dict (what checkpoints store)."""
         return {"step": self.step, "params": self.params, "opt_state": self.opt_state, "skipped": self.skipped}
