@@ -180,3 +180,35 @@ def test_bad_targets_and_mismatched_adapters(params, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**document, "use_dora": True}))
     with pytest.raises(CheckpointError, match="DoRA adapters"):
         load_adapter(tmp_path / "a", params)
+
+
+def test_a_lora_train_step_updates_only_the_adapters(params):
+    """The step's gradient is jax.grad of the LoRA loss with respect to the adapters (read back through a recording
+    optimizer: a comparison of gradients, tests/roundoff.py), training lowers the loss, the base is untouched."""
+    import optax
+
+    from gpt2_jax.training.step import TrainState, make_loss_fn, make_train_step
+    from roundoff import assert_grads_close
+    from test_training_optim import recording_optimizer
+
+    lora = LoraConfig(rank=4, alpha=8)
+    adapters = trained_like(init_lora(jax.random.PRNGKey(0), params, lora))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, 9)))
+    loss_fn = make_loss_fn(CONFIG, dropout=False, lora=lora)
+    expected = jax.grad(lambda ad: loss_fn({"params": params, "lora": ad}, tokens, None))(adapters)
+    recorder = recording_optimizer()
+    record = make_train_step(CONFIG, recorder, lora=lora, dropout=False, donate=False)
+    state, _ = record(TrainState.create_lora(params, adapters, recorder), tokens, jax.random.PRNGKey(0))
+    assert_grads_close(state.opt_state, expected, "LoRA adapter gradient")
+
+    optimizer = optax.adamw(1e-2)
+    state = TrainState.create_lora(params, adapters, optimizer)
+    assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(optimizer.init(adapters))
+    step = make_train_step(CONFIG, optimizer, lora=lora, dropout=False, donate=False)
+    losses = []
+    for _ in range(5):
+        state, metrics = step(state, tokens, jax.random.PRNGKey(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    for before, after in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.params["params"])):
+        np.testing.assert_array_equal(before, after)  # the base is bit-identical

@@ -19,6 +19,9 @@
   ``cut_block_gradients`` (the CPU default) the model cuts each block's output gradient and the step cuts the
   logits' gradient (:func:`gpt2_jax.layers.cut_gradient`, an identity whose backward is a fusion boundary: XLA's
   CPU fusion otherwise recomputes the backward residual chain quadratically). Values are unchanged.
+- LoRA (``lora=`` a :class:`~gpt2_jax.lora.LoraConfig`): ``state.params`` is ``{"params": base, "lora":
+  adapters}`` (:func:`lora_train_params`); only the adapters are differentiated, clipped, counted in the gradient
+  norm and updated (the optimizer and its state cover them alone); the frozen base is read, never written.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .. import backend, precision
 from ..backend import Tuning
 from ..config import GPT2Config
-from ..layers import check_remat_policy, cut_gradient
+from ..layers import LORA_COLLECTION, LORA_DROPOUT_RNG, check_remat_policy, cut_gradient
+from ..lora import LoraConfig, lora_variables
 from ..losses import cross_entropy
 from ..model import GPT2LMHeadModel
 from .optim import global_norm
@@ -55,6 +59,13 @@ class TrainState:
     def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
         """A state at step 0 with a fresh optimizer state."""
         return cls(jnp.zeros((), jnp.int32), params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+    @classmethod
+    def create_lora(cls, base, adapters, optimizer: optax.GradientTransformation) -> "TrainState":
+        """A LoRA run's state at step 0: params ``{"params": base, "lora": adapters}``, an optimizer state for the
+        adapters only (the frozen base has none)."""
+        return cls(jnp.zeros((), jnp.int32), lora_train_params(base, adapters), optimizer.init(adapters),
+                   jnp.zeros((), jnp.int32))
 
     def __repr__(self) -> str:
         """``TrainState(step=10, skipped=0, params=<N params in K float32 arrays>, opt_state=<...>)``."""
@@ -95,15 +106,30 @@ def _sharding_platform(*shardings) -> str | None:
     return None
 
 
+def lora_train_params(base: Any, adapters: Any) -> dict:
+    """The ``state.params`` of a LoRA run: ``{"params": base, "lora": adapters}`` (see the module docstring)."""
+    return {"params": base, "lora": adapters}
+
+
+def _trainable(params: Any, lora: LoraConfig | None) -> Any:
+    """What a step differentiates and updates: the adapters of a LoRA run, else every param."""
+    return params["lora"] if lora is not None else params
+
+
+def _with_trainable(params: Any, trainable: Any, lora: LoraConfig | None) -> Any:
+    return {**params, "lora": trainable} if lora is not None else trainable
+
+
 def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = True,
-                 tuning: Tuning | None = None, remat: str = "none") -> Callable:
+                 tuning: Tuning | None = None, remat: str = "none", lora: LoraConfig | None = None) -> Callable:
     """``loss(params, tokens [B, T + 1], key) -> []`` float32 mean next-token cross-entropy.
 
     ``tuning`` (default: :func:`~gpt2_jax.backend.tuning_for` JAX's default backend) is the model's backend
     settings; with ``cut_block_gradients`` the model materialises each block's residual gradient once in the
     backward pass, and so does the loss for the logits' gradient (else XLA's CPU fusion recomputes the softmax
     gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged. ``remat`` is the
-    blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`).
+    blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`). With ``lora``, ``params`` is
+    ``{"params": base, "lora": adapters}`` and the adapters' input dropout draws from ``key`` too.
     """
     tuning = tuning if tuning is not None else backend.tuning_for()
     # bfloat16 compute where the backend runs it well; on the CPU (low_precision_compute off) float32, which
@@ -111,11 +137,17 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
     compute_dtype = jnp.dtype(precision.compute_dtype(compute_dtype, tuning=tuning))
     model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning, remat_policy=check_remat_policy(remat))
     train = dropout and _has_dropout(config)
+    lora_dropout = dropout and lora is not None and lora.dropout > 0
 
     def loss_fn(params, tokens, key):
         inputs, labels = tokens[:, :-1], tokens[:, 1:]  # [B, T] each
-        out = model.apply({"params": params}, inputs, deterministic=not train,
-                          rngs={"dropout": key} if train else None)
+        variables = {"params": params}
+        if lora is not None:
+            variables = {"params": params["params"], LORA_COLLECTION: lora_variables(params["lora"], lora)}
+        rngs = {"dropout": key} if train else {}
+        if lora_dropout:
+            rngs[LORA_DROPOUT_RNG] = jax.random.fold_in(key, 0x10A)
+        out = model.apply(variables, inputs, deterministic=not train, rngs=rngs or None)
         logits = cut_gradient(out.logits) if tuning.cut_block_gradients else out.logits  # dlogits materialised once
         return cross_entropy(logits, labels)  # logits [B, T, vocab] -> []
 
@@ -136,6 +168,7 @@ def make_train_step(
     jit: bool = True,
     tuning: Tuning | None = None,
     remat: str = "none",
+    lora: LoraConfig | None = None,
 ) -> Callable:
     """Build the train step ``(state, batch, key) -> (state, metrics)``.
 
@@ -157,6 +190,8 @@ def make_train_step(
         remat: what each block keeps for the backward pass (:data:`gpt2_jax.layers.REMAT_POLICIES`): ``none``
             (everything), ``full`` (only its input: least memory, one more forward pass), ``dots_saveable`` (matmul
             outputs) or ``minimal`` (weight-matmul outputs; attention and elementwise ops recomputed).
+        lora: train LoRA adapters only: ``state.params`` is :func:`lora_train_params` and the optimizer state
+            is ``optimizer.init(adapters)``.
 
     Returns:
         ``step(state, batch, key)`` with ``batch`` int ``[batch, seq_len + 1]`` and ``key`` a ``jax.random``
@@ -173,8 +208,14 @@ def make_train_step(
             f"remat={remat!r} saves no memory on XLA CPU without scan_layers: XLA CPU drops the optimization "
             "barriers that keep the recomputation in the backward pass of an unrolled model (it still costs the "
             "recomputation); use scan_layers=True (gpt2-jax train --scan-layers)", stacklevel=2)
-    loss_fn = make_loss_fn(config, compute_dtype, dropout, tuning, remat)
-    grad_fn = jax.value_and_grad(loss_fn)
+    loss_fn = make_loss_fn(config, compute_dtype, dropout, tuning, remat, lora)
+    # d loss / d trainable params (the adapters of a LoRA run: the frozen base gets no gradient at all)
+    grad_of_trainable = jax.value_and_grad(
+        lambda trainable, params, tokens, key: loss_fn(_with_trainable(params, trainable, lora), tokens, key))
+
+    def grad_fn(params, tokens, key):
+        return grad_of_trainable(_trainable(params, lora), params, tokens, key)
+
     micro_sharding = None
     if batch_sharding is not None and accum_steps > 1:
         spec = batch_sharding.spec
@@ -198,11 +239,12 @@ def make_train_step(
             loss, grads = grad_fn(params, tokens, jax.random.fold_in(key, i))
             return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
 
-        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), _trainable(params, lora))
         (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
                                         (micro, jnp.arange(accum_steps)))
         scale = 1.0 / accum_steps
-        return loss * scale, jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads, params)
+        return loss * scale, jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads,
+                                                    _trainable(params, lora))
 
     def step(state: TrainState, batch: jax.Array, key: jax.Array):
         loss, grads = loss_and_grads(state.params, batch, key)
@@ -215,8 +257,9 @@ def make_train_step(
             return optax.apply_updates(params, updates), opt_state
 
         # Only one branch runs (a select after the update would cost ~60% more memory traffic).
-        new_params, new_opt_state = jax.lax.cond(finite, apply, lambda operands: operands[:2],
-                                                 (state.params, state.opt_state, grads))
+        new_trainable, new_opt_state = jax.lax.cond(finite, apply, lambda operands: operands[:2],
+                                                    (_trainable(state.params, lora), state.opt_state, grads))
+        new_params = _with_trainable(state.params, new_trainable, lora)
         skipped = state.skipped + (~finite).astype(jnp.int32)
         new_state = TrainState(step=state.step + 1, params=new_params, opt_state=new_opt_state, skipped=skipped)
         applied = state.step - state.skipped  # the schedule counts applied updates only
