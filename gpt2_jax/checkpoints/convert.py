@@ -17,6 +17,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from ..locking import DirectoryLock
 from .formats import resolve_dtype
 from .hf_directory import save_hf_directory
 from .pretrained import Pretrained, from_pretrained
@@ -48,12 +49,22 @@ def convert_checkpoint(
 
     Raises:
         FileExistsError: ``dst`` exists and ``overwrite`` is False (checked before anything is read).
+        DirectoryLockedError: another convert is writing ``dst`` (an advisory lock ``.<dst name>.lock`` beside it,
+            held for the whole conversion; the message names the holder's PID and host).
         CheckpointError / CheckpointNotFoundError: from loading ``src``.
     """
     dst = Path(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
     resolve_dtype(dtype)
+    with DirectoryLock.beside(dst, what="convert destination"):  # one writer per destination, for the whole run
+        if dst.exists() and not overwrite:  # finished by another convert while this one started
+            raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+        return _convert_locked(src, dst, dtype, revision, local_files_only, progress)
+
+
+def _convert_locked(src, dst: Path, dtype, revision, local_files_only, progress) -> Pretrained:
+    """The body of :func:`convert_checkpoint`, under the destination's lock."""
     loaded = from_pretrained(src, revision=revision, dtype=dtype, local_files_only=local_files_only)
     total = sum(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(loaded.params))
     bar = None

@@ -126,7 +126,7 @@ def tokenize_files(
         raise DataError("no input files given")
     for p in paths:
         if not p.is_file():
-            raise DataError(f"data file {os.fspath(p)!r} does not exist")
+            raise DataError(_not_a_file(p, "data file"))
     eos = tokenizer.eos_token_id if eos_id is None else int(eos_id)
     dtype = token_dtype(max(int(tokenizer.vocab_size), eos + 1))
     output = Path(output)
@@ -163,6 +163,16 @@ def tokenize_files(
     return meta
 
 
+def _not_a_file(path: Path, what: str) -> str:
+    """Why ``path`` cannot be read as a data file: missing, or a directory (then: name the files in it)."""
+    if path.is_dir():
+        return (f"{what} {os.fspath(path)!r} is a directory; give the files in it instead, e.g. "
+                f"--data {os.fspath(path / '*.txt')}")
+    if path.exists():
+        return f"{what} {os.fspath(path)!r} is not a regular file"
+    return f"{what} {os.fspath(path)!r} does not exist"
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -175,7 +185,7 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"token file {os.fspath(path)!r} does not exist")
+        raise DataError(_not_a_file(path, "token file"))
     dtype = np.dtype(np.uint16)
     if _sidecar(path).is_file():
         try:
@@ -204,7 +214,7 @@ def load_or_tokenize(
         return load_tokens(paths[0])
     for p in paths:
         if not p.is_file():
-            raise DataError(f"data file {os.fspath(p)!r} does not exist")
+            raise DataError(_not_a_file(p, "data file"))
         if p.suffix.lower() in TOKEN_SUFFIXES:
             raise DataError(f"{os.fspath(p)!r}: a token file cannot be mixed with other inputs")
     stamp = [[os.fspath(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths]

@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoints.random_weights import is_random, load_or_random
     from .data import load_or_tokenize
     from .evaluate import evaluate
+    from .evaluate import check_eval_settings
     from .loop import _check_vocab
 
+    check_eval_settings(args.seq_len, args.stride, args.batch_size, args.max_windows)  # before loading anything
     try:
         loaded = load_or_random(args.model, getattr(args, "random_weights", False))
     except (OSError, ValueError) as e:

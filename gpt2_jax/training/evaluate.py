@@ -26,6 +26,7 @@ import numpy as np
 from ..config import GPT2Config
 from ..model import GPT2LMHeadModel
 from .data import iter_eval_windows
+from .validation import check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,18 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_eval_settings(seq_len: int | None, stride: int | None, batch_size: int, max_windows: int | None,
+                        n_positions: int | None = None) -> None:
+    """Raise ``ValueError`` (one line naming the option) unless the evaluation settings are in range:
+    ``seq_len`` in [2, n_positions] (a window scores ``seq_len - 1`` next tokens), ``stride`` in [1, seq_len],
+    ``batch_size`` >= 1, ``max_windows`` >= 1; None means the default. ``n_positions`` None skips the upper
+    bound (the CLI checks before loading the model)."""
+    check_int("seq_len", seq_len, "tokens per evaluation window", low=2, high=n_positions, optional=True)
+    check_int("stride", stride, "distance between window starts", low=1, high=seq_len, optional=True)
+    check_int("batch_size", batch_size, "windows per forward pass", low=1)
+    check_int("max_windows", max_windows, "evaluate only the first N windows", low=1, optional=True)
 
 
 def make_nll_fn(config: GPT2Config, compute_dtype=jnp.float32) -> Callable:
@@ -89,9 +102,8 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
+    check_eval_settings(seq_len, stride, batch_size, max_windows, n_positions=config.n_positions)
     seq_len = config.n_positions if seq_len is None else int(seq_len)
-    if not 1 < seq_len <= config.n_positions:
-        raise ValueError(f"seq_len must be in [2, n_positions={config.n_positions}], got {seq_len}")
     windows = list(iter_eval_windows(tokens, seq_len, stride))
     if max_windows is not None:
         windows = windows[:max_windows]

@@ -19,6 +19,7 @@ checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -37,6 +38,7 @@ import numpy as np
 
 from ..atomic import atomic_write_path
 from ..config import GPT2Config
+from ..locking import DirectoryLock, LOCK_NAME, describe_takeover
 from .. import precision
 from ..layers import REMAT_POLICIES
 from ..model import init_params
@@ -44,9 +46,11 @@ from ..stacking import params_for
 from .checkpointing import CheckpointManager, abstract_state, save_hf_directory
 from .data import DataError, WindowLoader, load_or_tokenize
 from .evaluate import evaluate, make_nll_fn
-from .optim import OptimizerConfig, make_optimizer
+from .narration import CompilePhase, estimate_line
+from .optim import OptimizerConfig, check_optimizer_settings, make_optimizer
 from .sharding import (batch_sharding, check_batch_size, global_batch, make_mesh, state_shardings)
 from .step import TrainState, make_train_step
+from .validation import check_int, flag
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -115,6 +119,37 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     overwrite: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (one line naming the option, its meaning and range) for a setting out of range;
+        ``seq_len``'s upper bound (the model's ``n_positions``) is checked once the model is known."""
+        if not self.out:
+            raise ValueError("--out (the run directory) must be given")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        check_int("seq_len", self.seq_len, "tokens per training window", low=1, optional=True)
+        check_int("batch_size", self.batch_size, "global rows per step", low=1)
+        check_int("accum_steps", self.accum_steps, "micro-batches per step", low=1)
+        check_int("steps", self.steps, "optimizer steps in total", low=1)
+        check_int("decay_steps", self.decay_steps, "length of the cosine decay", low=1, optional=True)
+        check_optimizer_settings(self)
+        check_int("seed", self.seed, "random seed")
+        check_int("mesh_data", self.mesh_data, "data-axis size", low=1, optional=True)
+        check_int("mesh_model", self.mesh_model, "model-axis size", low=1)
+        check_int("save_every", self.save_every, "steps between checkpoints", low=1)
+        check_int("keep", self.keep, "checkpoints kept; --resume needs at least one", low=1)
+        check_int("eval_every", self.eval_every, "steps between evaluations; 0: only at the end", low=0)
+        check_int("eval_windows", self.eval_windows, "windows per evaluation", low=1, optional=True)
+        check_int("log_every", self.log_every, "steps between metrics lines", low=1)
+        check_int("max_consecutive_skips", self.max_consecutive_skips, "non-finite steps in a row before stopping",
+                  low=1)
+        for name, allowed in (("dtype", ("float32", "bfloat16")), ("remat", tuple(REMAT_POLICIES)),
+                              ("shuffle", ("random", "epoch")), ("strategy", ("fsdp", "tp"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     def __repr__(self) -> str:
         """Only the settings that differ from the defaults."""
@@ -214,7 +249,7 @@ def prepare_output_dir(cfg: TrainConfig) -> bool:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     has_run = (out / RUN_FILE).is_file()
-    contents = [p.name for p in out.iterdir()] if out.is_dir() else []
+    contents = [p.name for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
     if cfg.resume:
         if not has_run and contents:
             raise ValueError(f"--resume: {out} is not empty but holds no gpt2-jax run ({RUN_FILE} missing)")
@@ -325,11 +360,30 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike) ->
     return png_path
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """True iff every element of every floating leaf is finite (one fused reduction per leaf)."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def _refuse_non_finite_weights(step: int, m: dict, last_checkpoint: int | None) -> None:
+    """Stop the run: step ``step`` produced NaN/inf weights (nothing from it on is saved or exported)."""
+    why = ("its loss and gradients were finite, so the optimizer update overflowed"
+           if m.get("finite", 1) else "its loss or gradients were not finite")
+    kept = f"the newest checkpoint is step {last_checkpoint}" if last_checkpoint is not None else "no checkpoint"
+    raise TrainingError(
+        f"step {step} produced non-finite weights ({why}; lr {m.get('lr', float('nan')):.3g}); stopped without "
+        f"saving or exporting them ({kept}). Lower --lr or check the optimizer settings.")
+
+
 class _StopFlag:
-    """SIGINT / SIGTERM -> stop at the next step boundary (a second Ctrl-C interrupts at once)."""
+    """SIGINT / SIGTERM -> stop at the next step boundary, after saving a checkpoint (a second Ctrl-C raises
+    KeyboardInterrupt at once: no checkpoint). ``in_flight`` is the step being computed (1-based), for the message."""
 
     def __init__(self):
         self.signal: int | None = None
+        self.in_flight: int | None = None
         self._old = {}
 
     def __enter__(self):
@@ -344,7 +398,9 @@ class _StopFlag:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
-        _log(f"signal {signal.Signals(signum).name}: saving a checkpoint and stopping after this step")
+        step = f"step {self.in_flight}" if self.in_flight is not None else "the current step"
+        _log(f"{signal.Signals(signum).name}: stopping after {step}, with a checkpoint (Ctrl-C again aborts at once, "
+             "without saving)")
 
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
@@ -396,6 +452,12 @@ def _compiled_functions(config: GPT2Config, opt: OptimizerConfig, mesh, strategy
 def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
     """Run (or resume) a training run described by ``cfg``; see the module docstring for the outputs.
 
+    The run directory is locked for the whole run (:class:`~gpt2_jax.locking.DirectoryLock`, a ``.gpt2-jax.lock``
+    file inside it): a second run, ``--resume`` and ``--overwrite`` included, fails at once naming the holder's
+    PID and host; the lock of a killed run is taken over. A new run that fails before its first step (bad data,
+    a model that does not load, Ctrl-C while compiling) removes what it created, so the corrected command runs
+    as it is.
+
     Args:
         cfg: the settings.
         explicit: names of the settings the user set explicitly (the CLI passes them), so that ``--resume``
@@ -406,11 +468,58 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
 
     Raises:
         ValueError / DataError: bad settings or data (messages name the problem).
-        TrainingError: the loss stayed non-finite for ``max_consecutive_skips`` steps.
+        DirectoryLockedError: another live process is writing to ``cfg.out``.
+        TrainingError: the loss stayed non-finite for ``max_consecutive_skips`` steps, or a step produced
+            non-finite weights (nothing from that step on is saved or exported).
+    """
+    cfg.validate()  # a dataclasses.replace'd or mutated config too
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    is_main = jax.process_index() == 0
+    existed = out.is_dir()
+    before = set(os.listdir(out)) if existed else set()
+    lock = DirectoryLock.for_directory(out, what="training run")
+    if is_main:
+        lock.acquire()
+    run_state = {"resuming": False, "started": False, "cleared": False}
+    try:
+        if lock.took_over:
+            _log(describe_takeover(lock.took_over))
+        return _train(cfg, explicit, run_state)
+    except BaseException:
+        if is_main and not run_state["resuming"] and not run_state["started"]:
+            _remove_failed_start(out, existed, set() if run_state["cleared"] else before)
+        raise
+    finally:
+        lock.release()
+
+
+def _remove_failed_start(out: Path, existed: bool, before: set[str]) -> None:
+    """Remove what a new run that failed before its first step created in ``out`` (the whole directory if the
+    run created it), so that it cannot block the corrected rerun."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in RUN_ARTIFACTS:
+        path = out / name
+        if name in before:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists():
+            path.unlink()
+
+
+def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> TrainResult:
+    """The body of :func:`train`, run under the directory lock; updates ``run_state`` (``resuming``, ``cleared``:
+    an --overwrite removed the old run, ``started``: the first step was dispatched).
+
     """
     out = Path(cfg.out)
     is_main = jax.process_index() == 0
     resuming = prepare_output_dir(cfg)
+    run_state["resuming"] = resuming
     if resuming:
         saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
         cfg = _merge_resume(cfg, saved, explicit)
@@ -420,6 +529,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         tokenizer = GPT2Tokenizer.from_directory(out / "tokenizer")
         params = None
     else:
+        if cfg.resume and cfg.model is None and cfg.config_preset is None:
+            raise ValueError(f"--resume: {out} holds no training run to resume ({RUN_FILE} missing); to start one "
+                             "there give --model or --config-preset, and --data")
         config, params, tokenizer = resolve_model_config(cfg)
         cfg = dataclasses.replace(cfg, decay_steps=cfg.decay_steps or cfg.steps)
     if cfg.dtype not in ("float32", "bfloat16"):
@@ -453,6 +565,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
     loader = WindowLoader(tokens, cfg.batch_size, seq_len, seed=np.asarray(data_key), shuffle=cfg.shuffle)
     if cfg.overwrite:  # everything checked: now the old run may go
         clear_run(out)
+        run_state["cleared"] = True
 
     # Run files.
     if is_main and not resuming:
@@ -507,8 +620,9 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
     metrics_file = open(out / METRICS_FILE, "a", encoding="utf-8") if is_main else None
     last_loss, last_eval, consecutive_skips = None, None, 0
     interrupted = False
-    bar = tqdm(total=cfg.steps, initial=start, desc="training", unit="step", disable=not (cfg.progress and is_main),
-               dynamic_ncols=True)
+    show_bar = cfg.progress and is_main
+    bar = None  # opened after the first (compiling) step, so that its ETA counts compiled steps only
+    postfix: dict = {}
     recent: list[tuple[int, float]] = []  # (step, wall time) of the last few logged steps, for tokens/s
     t0 = time.perf_counter()
 
@@ -521,6 +635,8 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         """Log the metrics of ``step`` (1-based) once they are on the host."""
         nonlocal last_loss, consecutive_skips
         m = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        if not m.pop("params_finite", True):
+            _refuse_non_finite_weights(step, m, ckpt.latest_step())
         now = time.perf_counter()
         recent.append((step, now))
         del recent[:-11]
@@ -532,30 +648,53 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         if step % cfg.log_every == 0 or step == cfg.steps or not m["finite"]:
             emit({"step": step, **m, "tokens": step * tokens_per_step, "tokens_per_s": rate,
                   "epoch": loader.epoch_of(step), "elapsed_s": now - t0})
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{rate:,.0f}" if math.isfinite(rate) else "-",
-                        refresh=False)
+        postfix.update(loss=f"{m['loss']:.4f}", tok_s=f"{rate:,.0f}" if math.isfinite(rate) else "-")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(postfix, refresh=False)
         if consecutive_skips >= cfg.max_consecutive_skips:
             raise TrainingError(
                 f"loss or gradients were non-finite for {consecutive_skips} consecutive steps (last: step {step}); "
                 "those updates were skipped. Lower --learning-rate, use --dtype float32 or check the data.")
 
+    def read_batch(step: int):
+        return global_batch(loader.batch(step, jax.process_index(), jax.process_count()), b_sharding,
+                            cfg.batch_size)  # [batch, seq_len + 1]
+
+    if is_main and start < cfg.steps:
+        try:
+            _log(estimate_line(config, state_shape.params, cfg.batch_size, seq_len, cfg.steps - start,
+                               remat=cfg.remat, compute_dtype=precision.compute_dtype(cfg.dtype, state.params)))
+        except Exception as e:  # an estimate must never stop a run
+            _log(f"(no time estimate: {e})")
+
+    # One step in flight at a time: each step's metrics are fetched (so the bar shows that step's loss) and a
+    # stop request is checked before the next step is dispatched, so Ctrl-C stops after the step it interrupts.
+    # The next batch is read while the current step runs.
     try:
         with _StopFlag() as stop:
-            pending = None
+            batch = read_batch(start) if start < cfg.steps else None
             for step in range(start, cfg.steps):
-                batch = global_batch(loader.batch(step, jax.process_index(), jax.process_count()), b_sharding,
-                                     cfg.batch_size)  # [batch, seq_len + 1]
-                state, metrics = train_step(state, batch, jax.random.fold_in(dropout_key, step))
-                if pending is not None:
-                    finish_step(*pending)  # the previous step's metrics, while this one runs
-                pending = (step + 1, metrics)
+                if stop.signal is not None:  # arrived between two steps: nothing is in flight
+                    if ckpt.latest_step() != step:
+                        ckpt.save(state, meta(step))
+                    interrupted = True
+                    break
+                stop.in_flight = step + 1
+                phase = CompilePhase(_log, ticker=show_bar and sys.stderr.isatty()) if step == start and is_main \
+                    else contextlib.nullcontext()
+                with phase:
+                    state, metrics = train_step(state, batch, jax.random.fold_in(dropout_key, step))
+                    run_state["started"] = True
+                    metrics = {**metrics, "params_finite": _all_finite(state.params)}  # checked in finish_step
+                    batch = read_batch(step + 1) if step + 1 < cfg.steps else None
+                    finish_step(step + 1, metrics)  # waits for this step
+                if step == start and show_bar:
+                    bar = tqdm(total=cfg.steps, initial=step + 1, desc="training", unit="step", dynamic_ncols=True)
+                    bar.set_postfix(postfix, refresh=True)
                 done = step + 1
                 boundary = done % cfg.save_every == 0 or done == cfg.steps or stop.signal is not None
                 evaluate_now = eval_tokens is not None and cfg.eval_every and done % cfg.eval_every == 0
-                if boundary or evaluate_now:
-                    finish_step(*pending)
-                    pending = None
                 if evaluate_now and done != cfg.steps:
                     emit(run_eval(done))
                 if boundary:
@@ -563,13 +702,12 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
                 if stop.signal is not None:
                     interrupted = True
                     break
-            if pending is not None:
-                finish_step(*pending)
         if not interrupted and eval_tokens is not None:
             last_eval = run_eval(int(jax.device_get(state.step)))
             emit(last_eval)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         ckpt.close()
         if metrics_file is not None:
             metrics_file.close()

@@ -20,6 +20,8 @@ from typing import Callable
 import jax
 import optax
 
+from .validation import check_float, check_int
+
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
@@ -42,12 +44,23 @@ class OptimizerConfig:
         return short_dataclass_repr(self)
 
     def __post_init__(self):
-        if self.learning_rate < 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate and weight_decay must be >= 0")
-        if self.warmup_steps < 0 or self.total_steps <= 0:
-            raise ValueError(f"need warmup_steps >= 0 and total_steps > 0, got {self.warmup_steps}, {self.total_steps}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        check_optimizer_settings(self)
+        check_int("total_steps", self.total_steps, "warmup + cosine decay length", low=1)
+
+
+def check_optimizer_settings(cfg) -> None:
+    """Raise ``ValueError`` (one line naming the option and its meaning) unless every optimizer setting of ``cfg``
+    (an :class:`OptimizerConfig` or a ``TrainConfig``) is a finite number in its range."""
+    check_float("learning_rate", cfg.learning_rate, "peak learning rate", low=0, low_open=True)
+    check_int("warmup_steps", cfg.warmup_steps, "linear warmup steps", low=0)
+    check_float("min_lr_ratio", cfg.min_lr_ratio, "final lr / peak lr", low=0, high=1, low_open=True)
+    check_float("b1", cfg.b1, "Adam beta1, the first-moment decay", low=0, high=1, high_open=True)
+    check_float("b2", cfg.b2, "Adam beta2, the second-moment decay", low=0, high=1, high_open=True)
+    check_float("eps", cfg.eps, "Adam epsilon; 0 divides 0 by 0 for a parameter with no gradient", low=0,
+                low_open=True)
+    check_float("weight_decay", cfg.weight_decay, "decoupled weight decay", low=0)
+    check_float("grad_clip", cfg.grad_clip, "global gradient-norm clip; None/0 disables it", low=0, low_open=True,
+                optional=True)
 
 
 def decay_mask(params) -> dict:
