@@ -650,8 +650,8 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
                   "epoch": loader.epoch_of(step), "elapsed_s": now - t0})
         postfix.update(loss=f"{m['loss']:.4f}", tok_s=f"{rate:,.0f}" if math.isfinite(rate) else "-")
         if bar is not None:
-            bar.update(1)
             bar.set_postfix(postfix, refresh=False)
+            bar.update(1)  # redraws with this step's loss
         if consecutive_skips >= cfg.max_consecutive_skips:
             raise TrainingError(
                 f"loss or gradients were non-finite for {consecutive_skips} consecutive steps (last: step {step}); "
