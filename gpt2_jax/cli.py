@@ -40,9 +40,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_undecodable_text(args: argparse.Namespace) -> None:
+    """Warn when a prompt / text argument held bytes that are not UTF-8: Python keeps them as lone surrogates
+    (``surrogateescape``) and the tokenizer would silently turn each into U+FFFD."""
+    for name in ("prompt", "text"):
+        value = getattr(args, name, None)
+        values = value if isinstance(value, list) else [value]
+        bad = [c for v in values if isinstance(v, str) for c in v if "\udc80" <= c <= "\udcff"]
+        if bad:
+            shown = "".join(f"\\x{ord(c) - 0xDC00:02x}" for c in bad[:8]) + ("..." if len(bad) > 8 else "")
+            print(f"gpt2-jax {args.command}: warning: the {name.upper()} argument holds {len(bad)} byte(s) that are "
+                  f"not valid UTF-8 ({shown}); each is read as U+FFFD, the replacement character", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpt2-jax`` console script."""
     args = build_parser().parse_args(argv)
+    _warn_undecodable_text(args)
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # the reader went away (``gpt2-jax ... | head``): not an error

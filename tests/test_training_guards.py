@@ -292,3 +292,41 @@ def test_data_directory_and_resume_of_nothing_get_right_messages(tmp_path, capsy
     code, err = run_cli(["train", "--out", str(tmp_path / "missing"), "--resume"], capsys)
     assert code == 2 and "holds no training run to resume (run.json missing)" in err
     assert "exactly one of" not in err and not (tmp_path / "missing").exists()
+
+
+# ------------------------------------------------------------------------------------------------ messages
+def test_unwritable_output_is_refused_before_any_work(tmp_path):
+    """/proc accepts no new files, even for root (for whom access() says yes): the probe names the directory."""
+    from gpt2_jax.inspect._common import check_output_path
+
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    with pytest.raises(OSError, match=r"cannot write the attention page to '/proc/x.html': cannot create files in "
+                                      r"'/proc'"):
+        check_output_path("/proc/x.html", "attention page")
+    assert check_output_path(tmp_path / "a.html") == tmp_path / "a.html" and os.listdir(tmp_path) == []
+
+
+def test_undecodable_prompt_bytes_are_warned_about(capsys):
+    import argparse
+
+    from gpt2_jax.cli import _warn_undecodable_text
+
+    prompt = b"caf\xe9 ok".decode("utf-8", "surrogateescape")  # how Python hands non-UTF-8 argv bytes over
+    _warn_undecodable_text(argparse.Namespace(command="generate", prompt=prompt))
+    err = capsys.readouterr().err
+    assert "warning: the PROMPT argument holds 1 byte(s) that are not valid UTF-8 (\\xe9)" in err and "U+FFFD" in err
+    _warn_undecodable_text(argparse.Namespace(command="generate", prompt="café ok"))
+    assert capsys.readouterr().err == ""
+
+
+def test_notes_name_ignored_weight_files(tmp_path):
+    from gpt2_jax.checkpoints.pretrained import from_pretrained
+
+    data = byte_tokens(tmp_path / "bytes.bin")
+    assert main(train_args(tmp_path / "run", data, "--steps", "1")) == 0
+    final = tmp_path / "run" / "final"
+    assert not any("ignored" in n for n in from_pretrained(final).notes)
+    (final / "pytorch_model.bin").write_bytes(b"not read")
+    notes = from_pretrained(final).notes
+    assert any("loaded model.safetensors and ignored pytorch_model.bin" in n for n in notes), notes

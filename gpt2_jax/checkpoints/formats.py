@@ -172,6 +172,19 @@ class WeightsLocation:
     path: Path
 
 
+def ignored_weights(directory: str | os.PathLike, location: WeightsLocation) -> list[str]:
+    """Other weight files in ``directory`` that :func:`find_weights` passed over for ``location`` (a later format
+    of :data:`WEIGHT_FILES`, an OpenAI TF checkpoint, an unsupported format), so a load can say it ignored them."""
+    from .openai_tf import is_openai_tf_checkpoint
+
+    directory = Path(directory)
+    ignored = [name for fmt, name in WEIGHT_FILES.items() if fmt != location.format and (directory / name).is_file()]
+    if location.format != "openai-tf" and is_openai_tf_checkpoint(directory):
+        ignored.append("an OpenAI TensorFlow checkpoint (model.ckpt.*)")
+    ignored += [name for name in UNSUPPORTED_FILES if (directory / name).exists()]
+    return ignored
+
+
 def find_weights(directory: str | os.PathLike) -> WeightsLocation:
     """The weights a checkpoint directory holds, in the order of :data:`WEIGHT_FILES` (OpenAI TF last).
 

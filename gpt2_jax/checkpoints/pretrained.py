@@ -33,7 +33,8 @@ import numpy as np
 from ..config import GPT2Config
 from ..tokenizer import GPT2Tokenizer
 from .flax_msgpack import flax_to_state_dict, read_flax_msgpack
-from .formats import CONFIG_NAME, WeightsLocation, find_weights, resolve_dtype, to_device
+from .formats import (CONFIG_NAME, WEIGHT_FILES, WeightsLocation, find_weights, ignored_weights, resolve_dtype,
+                      to_device)
 from .hf_mapping import expected_shapes, state_dict_to_params
 from .hub import CheckpointNotFoundError, download_checkpoint, is_hub_id
 from .safetensors_io import CheckpointError, read_safetensors
@@ -186,6 +187,11 @@ def load_directory(directory: str | os.PathLike, dtype: Any = jnp.float32) -> Pr
     if note:
         warnings.warn(note, TokenizerFallbackWarning, stacklevel=3)
         notes = (note,)
+    ignored = ignored_weights(directory, location)
+    if ignored:  # the documented order decided; say so, the files may disagree
+        notes += (f"loaded {location.path.name if location.format != 'openai-tf' else 'the OpenAI TF checkpoint'} "
+                  f"and ignored {', '.join(ignored)} in the same directory (the first present of "
+                  f"{', '.join(WEIGHT_FILES.values())}, then OpenAI TF, is read)",)
     return Pretrained(config, params, tokenizer, str(directory), location.format, None, notes)
 
 

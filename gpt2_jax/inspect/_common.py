@@ -131,4 +131,14 @@ def check_output_path(path: str | os.PathLike, what: str = "output") -> Path:
         raise OSError(f"cannot write the {what} to {str(path)!r}: {str(parent)!r} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OSError(f"cannot write the {what} to {str(path)!r}: directory {str(parent)!r} is not writable")
+    if parent == path.parent:  # access() says yes to root everywhere (and /proc refuses new files): try one
+        import tempfile
+
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        except OSError as e:
+            raise OSError(f"cannot write the {what} to {str(path)!r}: cannot create files in {str(parent)!r} "
+                          f"({e.strerror or e})") from None
+        os.close(fd)
+        os.unlink(probe)
     return path
