@@ -7,6 +7,10 @@ Entry points::
 
     out = generate(params, input_ids, attention_mask, key, GenerationConfig(max_new_tokens=20), model_config=cfg)
     out.sequences            # [rows, prompt_width + steps]
+
+``generate`` (:mod:`~gpt2_jax.generation.api`) dispatches to sampling / greedy (:mod:`.sampler`), beam search
+(:mod:`.beam_search`) and speculative / prompt-lookup decoding (:mod:`.speculative`); every strategy applies the
+same ordered list of logits processors (:mod:`.logits_processors`).
 """
 
 from .beam_search import reorder_generated
@@ -31,8 +35,9 @@ from .processors import (
     top_k_top_p_filter,
     top_p_filter,
 )
-from .request import GenerationOutput
-from .sampler import generate
+from .logits_processors import LogitsProcessor, ProcessorState, apply_processors, build_processors
+from .request import GenerationOutput, Knobs
+from .api import generate
 from .streaming import StreamStep, stream
 from .text import generate_text, stream_text
 from .weight_layout import DecodeWeights, decode_weights
@@ -41,6 +46,11 @@ __all__ = [
     "DecodeWeights",
     "GenerationConfig",
     "GenerationOutput",
+    "Knobs",
+    "LogitsProcessor",
+    "ProcessorState",
+    "apply_processors",
+    "build_processors",
     "StreamStep",
     "TRACE_COUNTS",
     "decode_step",

@@ -31,7 +31,8 @@ from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
 from .engine import count_trace, forward, program_weights, repeat_cache
-from .request import GenerationOutput, Request, prompt_keys
+from .logits_processors import ProcessorState, apply_processors
+from .request import GenerationOutput, Knobs, Request, prompt_keys
 
 NEG = -1.0e9  # Hugging Face's "impossible" score
 
@@ -54,6 +55,8 @@ class BeamState:
         going: ``[]`` bool, the loop continues.
         start: ``[B * N]`` int32, the first real slot of each row.
         keys: ``[B]`` PRNG keys (beam sampling), split every step.
+        scores_out: ``[B * N, cap, vocab]`` processed log-probs of the running beams per step, or None.
+        logits_out: ``[B * N, cap, vocab]`` raw logits of the running beams per step, or None.
     """
 
     step: jax.Array
@@ -69,6 +72,8 @@ class BeamState:
     going: jax.Array
     start: jax.Array
     keys: jax.Array
+    scores_out: jax.Array | None = None
+    logits_out: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,15 +88,16 @@ class BeamSpec:
     n_eos: int
     early_stopping: bool | str
     do_sample: bool
-    no_repeat_ngram_size: int
     tuning: Tuning
+    output_scores: bool = False
+    output_logits: bool = False
 
     @classmethod
     def from_request(cls, request: Request) -> "BeamSpec":
         c = request.config
         return cls(
             request.model_config, request.dtype, request.prompts.bucket, request.cap, c.num_beams,
-            len(request.eos_ids), c.early_stopping, c.do_sample, c.no_repeat_ngram_size, request.tuning,
+            len(request.eos_ids), c.early_stopping, c.do_sample, request.tuning, c.output_scores, c.output_logits,
         )
 
     @property
@@ -148,7 +154,7 @@ def reorder_generated(cache: KVCache, parents: jax.Array, bucket: int, num_beams
     return cache.map_kv(take)
 
 
-def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpec) -> BeamState:
+def _beam_update(state: BeamState, logits: jax.Array, knobs: Knobs, spec: BeamSpec) -> BeamState:
     """One beam step from the logits of the running beams (``[B * N, vocab]``)."""
     batch, nb, length = state.running.shape
     vocab = logits.shape[-1]
@@ -157,17 +163,18 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpe
     flat_running = state.running.reshape(batch * nb, length)
     slots = jnp.arange(length)[None, :]
     real = (slots >= state.start[:, None]) & (slots < end)
-    banned = None
-    if spec.no_repeat_ngram_size:
-        banned = processors.no_repeat_ngram_banned(flat_running, state.start, end, spec.no_repeat_ngram_size, vocab)
-    stop_ids = jnp.zeros((vocab,), bool).at[knobs["eos_ids"]].set(True)
-    log_probs = processors.process_logits(
-        jax.nn.log_softmax(logits, axis=-1),
-        seen=processors.seen_mask(flat_running, real, vocab), penalty=knobs["repetition_penalty"], banned=banned,
-        eos_mask=stop_ids, suppress_eos=state.step < knobs["min_new_tokens"], do_sample=spec.do_sample,
-        temp=knobs["temperature"], top_k=knobs["top_k"], top_p=knobs["top_p"],
-        min_tokens_to_keep=spec.min_tokens_to_keep, tuning=spec.tuning,
+    stop_ids = jnp.zeros((vocab,), bool).at[knobs.eos_ids].set(True)
+    view = ProcessorState(
+        tokens=flat_running, start=state.start, end=end, step=state.step, prompt_width=knobs.prompt_width,
+        max_new_tokens=knobs.max_new_tokens, seen=processors.seen_mask(flat_running, real, vocab),
     )
+    log_probs = apply_processors(knobs.processors, jax.nn.log_softmax(logits, axis=-1), view)  # [B * N, vocab]
+    scores_out = state.scores_out
+    if scores_out is not None:
+        scores_out = jax.lax.dynamic_update_slice_in_dim(scores_out, log_probs[:, None], state.step, axis=1)
+    logits_out = state.logits_out
+    if logits_out is not None:
+        logits_out = jax.lax.dynamic_update_slice_in_dim(logits_out, logits[:, None], state.step, axis=1)
     accumulated = (log_probs.reshape(batch, nb, vocab) + state.running_scores[:, :, None]).reshape(batch, nb * vocab)
 
     keys = state.keys
@@ -185,7 +192,7 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpe
     top_running = jax.lax.dynamic_update_slice_in_dim(top_running, top_token[:, :, None], end, axis=2)
 
     # Candidates that finish now: an eos id, or the last token of the budget.
-    hits = stop_ids[top_token] | (state.step + 1 >= knobs["max_new_tokens"])  # [B, K]
+    hits = stop_ids[top_token] | (state.step + 1 >= knobs.max_new_tokens)  # [B, K]
 
     # The best N unfinished candidates continue.
     running_logp = top_logp + hits.astype(jnp.float32) * NEG
@@ -198,7 +205,7 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpe
     new_len = state.step + 1
     top_n_mask = jnp.arange(k_cand) < nb
     just_finished = hits & top_n_mask[None, :]
-    final_logp = top_logp / (new_len.astype(jnp.float32) ** knobs["length_penalty"])
+    final_logp = top_logp / (new_len.astype(jnp.float32) ** knobs.length_penalty)
     if spec.early_stopping is True:
         full = jnp.all(state.finished, axis=-1, keepdims=True)
         final_logp = final_logp + full.astype(jnp.float32) * NEG
@@ -214,10 +221,10 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpe
 
     # Can a running beam still beat the worst finished hypothesis?
     if spec.early_stopping == "never":
-        best_len = jnp.where(knobs["length_penalty"] > 0, knobs["max_new_tokens"], new_len)
+        best_len = jnp.where(knobs.length_penalty > 0, knobs.max_new_tokens, new_len)
     else:
         best_len = new_len
-    best_possible = running_scores[:, :1] / (best_len.astype(jnp.float32) ** knobs["length_penalty"])
+    best_possible = running_scores[:, :1] / (best_len.astype(jnp.float32) ** knobs.length_penalty)
     worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)  # [B, N]
     unsatisfied = state.unsatisfied & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
     going = jnp.any(unsatisfied) & ~jnp.all(hits)
@@ -226,11 +233,11 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: dict, spec: BeamSpe
     return state.replace(
         step=new_len, running=running, running_scores=running_scores, sequences=sequences, scores=scores,
         finished=finished, finished_len=finished_len, unsatisfied=unsatisfied, parents=parents, going=going,
-        keys=keys,
+        keys=keys, scores_out=scores_out, logits_out=logits_out,
     )
 
 
-def start_beams(params, input_ids, attention_mask, keys, knobs: dict, spec: BeamSpec) -> BeamState:
+def start_beams(params, input_ids, attention_mask, keys, knobs: Knobs, spec: BeamSpec) -> BeamState:
     """Prefill each prompt once, repeat its cache rows for the beams and take the first beam step."""
     cfg, nb = spec.model_config, spec.num_beams
     batch = input_ids.shape[0]
@@ -238,7 +245,7 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: dict, spec: Beam
     cache = KVCache.zeros(cfg, batch, length, jnp.dtype(spec.dtype))
     logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning)
     cache = repeat_cache(cache, nb)  # [batch, ...] -> [batch * beams, ...] rows
-    running = jnp.full((batch, nb, length), knobs["pad_id"], jnp.int32)
+    running = jnp.full((batch, nb, length), knobs.pad_id, jnp.int32)
     running = running.at[:, :, : spec.bucket].set(input_ids[:, None, :])
     start = spec.bucket - attention_mask.sum(axis=1, dtype=jnp.int32)
     state = BeamState(
@@ -255,12 +262,14 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: dict, spec: Beam
         going=jnp.ones((), bool),
         start=jnp.repeat(start, nb),
         keys=keys,
+        scores_out=jnp.zeros((batch * nb, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_scores else None,
+        logits_out=jnp.zeros((batch * nb, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_logits else None,
     )
     state = _beam_update(state, jnp.repeat(logits, nb, axis=0), knobs, spec)
     return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams, spec.tuning))
 
 
-def advance_beams(params, state: BeamState, knobs: dict, spec: BeamSpec) -> BeamState:
+def advance_beams(params, state: BeamState, knobs: Knobs, spec: BeamSpec) -> BeamState:
     """Feed the chosen tokens, take a beam step, then move the generated cache slots to the new parent beams."""
     batch, nb, _ = state.running.shape
     last = jax.lax.dynamic_slice_in_dim(state.running, spec.bucket + state.step - 1, 1, axis=2)  # [B, N, 1]
@@ -275,13 +284,14 @@ def _beam_program(params, input_ids, attention_mask, keys, knobs, *, spec: BeamS
     count_trace("beam_search")
     state = start_beams(params, input_ids, attention_mask, keys, knobs, spec)
     state = jax.lax.while_loop(
-        lambda s: s.going & (s.step < knobs["max_new_tokens"]),
+        lambda s: s.going & (s.step < knobs.max_new_tokens),
         lambda s: advance_beams(params, s, knobs, spec),
         state,
     )
     n = num_return_sequences
     flat = lambda x: x[:, :n].reshape(-1, *x.shape[2:])
-    return flat(state.sequences), flat(state.scores), flat(state.finished_len)
+    return (flat(state.sequences), flat(state.scores), flat(state.finished_len), state.step, state.scores_out,
+            state.logits_out)
 
 
 def run_beam_request(params, request: Request, key) -> GenerationOutput:
@@ -289,7 +299,7 @@ def run_beam_request(params, request: Request, key) -> GenerationOutput:
     cfg = request.config
     spec = BeamSpec.from_request(request)
     prompts = request.prompts
-    sequences, scores, lengths = _beam_program(
+    sequences, scores, lengths, steps, scores_out, logits_out = _beam_program(
         program_weights(params, request.tuning), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
         prompt_keys(key, request.batch_size), request.knobs, spec=spec,
         num_return_sequences=cfg.num_return_sequences,
@@ -302,4 +312,6 @@ def run_beam_request(params, request: Request, key) -> GenerationOutput:
         prompt_width=prompts.width,
         num_new_tokens=lengths,
         sequences_scores=np.asarray(scores),
+        scores=None if scores_out is None else np.asarray(scores_out)[:, : int(steps)],
+        logits=None if logits_out is None else np.asarray(logits_out)[:, : int(steps)],
     )

@@ -259,6 +259,63 @@ def top_k_top_p_filter(logits: jax.Array, top_k, top_p, min_tokens_to_keep: int 
     return jax.lax.cond(enabled, lambda x: tiers(x, sizes), lambda x: x, logits)
 
 
+def _keep_top(values: jax.Array, remove: jax.Array, min_tokens_to_keep: int) -> jax.Array:
+    """``remove`` with the ``min_tokens_to_keep`` largest ``values`` of each row never removed."""
+    k = min(max(int(min_tokens_to_keep), 0), values.shape[-1])
+    if k == 0:
+        return remove
+    index = jax.lax.top_k(values, k)[1]  # [batch, k]
+    return remove.at[jnp.arange(values.shape[0])[:, None], index].set(False)
+
+
+def min_p_filter(logits: jax.Array, min_p, min_tokens_to_keep: int = 1) -> jax.Array:
+    """``MinPLogitsWarper``: ``-inf`` where the probability is below ``min_p`` times the row's top probability."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    remove = probs < jnp.asarray(min_p, probs.dtype) * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(_keep_top(probs, remove, min_tokens_to_keep), NEG_INF, logits)
+
+
+def typical_filter(logits: jax.Array, mass, min_tokens_to_keep: int = 1) -> jax.Array:
+    """``TypicalLogitsWarper``: keep the tokens whose surprisal is closest to the entropy, up to ``mass``."""
+    batch, vocab = logits.shape
+    normalized = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(normalized)
+    entropy = -jnp.nansum(normalized * p, axis=-1, keepdims=True)  # [batch, 1]
+    shifted = jnp.abs(-normalized - entropy)  # [batch, vocab]
+    order = jnp.argsort(shifted, axis=-1)  # ascending, stable
+    sorted_shifted = jnp.take_along_axis(shifted, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
+    last = jnp.minimum(jnp.sum(cumulative < jnp.asarray(mass, cumulative.dtype), axis=-1), vocab - 1)  # [batch]
+    remove_sorted = sorted_shifted > jnp.take_along_axis(sorted_shifted, last[:, None], axis=-1)
+    remove_sorted = remove_sorted & (jnp.arange(vocab) >= min_tokens_to_keep)[None, :]
+    remove = jnp.zeros_like(remove_sorted).at[jnp.arange(batch)[:, None], order].set(remove_sorted)
+    return jnp.where(remove, NEG_INF, logits)
+
+
+def _kth_logit(logits: jax.Array, min_tokens_to_keep: int) -> jax.Array:
+    """``[batch, 1]``: the ``min_tokens_to_keep``-th largest logit (Hugging Face's safety check)."""
+    k = min(max(int(min_tokens_to_keep), 1), logits.shape[-1])
+    return jax.lax.top_k(logits, k)[0][:, -1:]
+
+
+def epsilon_filter(logits: jax.Array, epsilon, min_tokens_to_keep: int = 1) -> jax.Array:
+    """``EpsilonLogitsWarper``: ``-inf`` where the probability is below ``epsilon``."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    remove = (probs < jnp.asarray(epsilon, probs.dtype)) & (logits < _kth_logit(logits, min_tokens_to_keep))
+    return jnp.where(remove, NEG_INF, logits)
+
+
+def eta_filter(logits: jax.Array, epsilon, min_tokens_to_keep: int = 1) -> jax.Array:
+    """``EtaLogitsWarper``: ``-inf`` where the probability is below ``min(eps, sqrt(eps) * exp(-entropy))``."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1, keepdims=True)  # [batch, 1]
+    eps = jnp.asarray(epsilon, probs.dtype)
+    eta = jnp.minimum(eps, jnp.sqrt(eps) * jnp.exp(-entropy))
+    remove = (probs < eta) & (logits < _kth_logit(logits, min_tokens_to_keep))
+    return jnp.where(remove, NEG_INF, logits)
+
+
 def sample(key: jax.Array, logits: jax.Array) -> jax.Array:
     """Draw one token from ``softmax(logits [vocab])`` by inverting its cumulative distribution.
 

@@ -15,12 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import struct
+
 from .. import backend
 from ..backend import Tuning
 from ..config import GPT2Config
 from ..precision import compute_dtype
 from .config import GenerationConfig
 from .engine import PreparedPrompts, new_token_cap, prepare_prompts, resolve_special_ids
+from .logits_processors import build_processors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,7 @@ class Request:
     pad_id: int
     cap: int  # static cap of the new-token budget
     dtype: str  # compute dtype name
-    knobs: dict  # name -> jnp array (traced arguments)
+    knobs: Knobs  # the traced arguments, processors included
     tuning: Tuning  # backend settings, resolved once from the params' platform
 
     @property
@@ -43,19 +46,44 @@ class Request:
         return int(self.prompts.input_ids.shape[0])
 
 
-def make_knobs(config: GenerationConfig, eos_ids: tuple[int, ...], pad_id: int) -> dict:
-    """The traced knobs of a request, as a dict of scalar (or ``[n_eos]``) arrays."""
-    return {
-        "max_new_tokens": jnp.asarray(config.max_new_tokens, jnp.int32),
-        "min_new_tokens": jnp.asarray(config.min_new_tokens, jnp.int32),
-        "temperature": jnp.asarray(config.temperature, jnp.float32),
-        "top_k": jnp.asarray(config.top_k, jnp.int32),
-        "top_p": jnp.asarray(config.top_p, jnp.float32),
-        "repetition_penalty": jnp.asarray(config.repetition_penalty, jnp.float32),
-        "length_penalty": jnp.asarray(config.length_penalty, jnp.float32),
-        "eos_ids": jnp.asarray(eos_ids, jnp.int32).reshape(-1),
-        "pad_id": jnp.asarray(pad_id, jnp.int32),
-    }
+@struct.dataclass
+class Knobs:
+    """The traced arguments of a request (a pytree: changing a value never recompiles; which processors exist is
+    structure and does).
+
+    Attributes:
+        max_new_tokens: ``[]`` int32, the budget (below the static cap).
+        length_penalty: ``[]`` float32 (beam search).
+        eos_ids: ``[n_eos]`` int32.
+        pad_id: ``[]`` int32.
+        prompt_width: ``[]`` int32, the padded prompt width (Hugging Face's ``input_ids_seq_length``).
+        processors: the ordered logits processors (:func:`~gpt2_jax.generation.logits_processors.build_processors`).
+        stop: the stop-string tables (:class:`~gpt2_jax.generation.stop_strings.StopStrings`), or None.
+    """
+
+    max_new_tokens: jax.Array
+    length_penalty: jax.Array
+    eos_ids: jax.Array
+    pad_id: jax.Array
+    prompt_width: jax.Array
+    processors: tuple
+    stop: Any = None
+
+
+def make_knobs(config: GenerationConfig, eos_ids: tuple[int, ...], pad_id: int, *, vocab_size: int,
+               prompt_width: int = 1, tuning: Tuning | None = None, beams: bool = False,
+               logits_processor: tuple = (), stop: Any = None) -> Knobs:
+    """The traced knobs of a request, the processor list built once from ``config``."""
+    return Knobs(
+        max_new_tokens=jnp.asarray(config.max_new_tokens, jnp.int32),
+        length_penalty=jnp.asarray(config.length_penalty, jnp.float32),
+        eos_ids=jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+        pad_id=jnp.asarray(pad_id, jnp.int32),
+        prompt_width=jnp.asarray(prompt_width, jnp.int32),
+        processors=build_processors(config, eos_ids=eos_ids, vocab_size=vocab_size, prompt_width=prompt_width,
+                                    tuning=tuning, beams=beams, user=tuple(logits_processor)),
+        stop=stop,
+    )
 
 
 def build_request(
@@ -67,15 +95,21 @@ def build_request(
     dtype: Any = None,
     *,
     tuning: Tuning | None = None,
+    logits_processor=(),
+    tokenizer: Any = None,
     **overrides: Any,
 ) -> Request:
     """Check and normalise a request (see :func:`gpt2_jax.generation.generate` for the arguments).
+
+    ``logits_processor``: the caller's own processor objects (see
+    :mod:`~gpt2_jax.generation.logits_processors`); ``tokenizer``: needed for ``stop_strings``.
 
     ``tuning`` defaults to :func:`~gpt2_jax.backend.tuning_for` the params (their devices' platform, then the
     overrides); it is resolved here, once, and travels with the request.
 
     Raises:
-        ValueError: bad knob values, ids outside the vocabulary, prompt + budget beyond ``n_positions``.
+        ValueError: bad knob values, ids outside the vocabulary, prompt + budget beyond ``n_positions``,
+            stop strings without a tokenizer.
     """
     if not isinstance(model_config, GPT2Config):
         raise ValueError(f"model_config must be a GPT2Config, got {type(model_config).__name__}")
@@ -98,10 +132,19 @@ def build_request(
     prompts = prepare(config.max_new_tokens)
     tuning = tuning if tuning is not None else backend.tuning_for(params)
     dtype_name = compute_dtype(dtype, params, tuning)  # float32 for bfloat16 where low_precision_compute is off
+    stop = None
+    if config.stop_strings is not None:
+        from .stop_strings import stop_string_tables
+
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer: pass tokenizer= (a GPT2Tokenizer or a Hugging Face "
+                             "tokenizer) to generate")
+        stop = stop_string_tables(tokenizer, config.stop_strings, vocab)
+    knobs = make_knobs(config, eos, pad, vocab_size=vocab, prompt_width=prompts.width, tuning=tuning,
+                       beams=config.num_beams > 1, logits_processor=tuple(logits_processor), stop=stop)
     return Request(
         prompts=prompts, config=config, model_config=model_config, eos_ids=eos, pad_id=pad,
-        cap=new_token_cap(config.max_new_tokens), dtype=dtype_name, knobs=make_knobs(config, eos, pad),
-        tuning=tuning,
+        cap=new_token_cap(config.max_new_tokens), dtype=dtype_name, knobs=knobs, tuning=tuning,
     )
 
 
@@ -161,6 +204,12 @@ class GenerationOutput:
         logprobs: ``[rows, steps]`` float32 log-probability of each generated token under the processed
             distribution (``return_logprobs=True``; 0 after a row finished), else None.
         sequences_scores: ``[rows]`` beam scores (length-penalised sum of log-probs) for beam search, else None.
+        scores: ``[rows, steps, vocab]`` float32 processed scores of every step (``output_scores=True``; Hugging
+            Face's ``scores``; for beam search the processed log-probs of the running beams, ``[batch * num_beams,
+            steps, vocab]``), else None.
+        logits: ``[rows, steps, vocab]`` float32 raw logits of every step (``output_logits=True``), else None.
+        num_accepted: speculative / prompt-lookup decoding: ``[rows]`` draft tokens accepted, else None.
+        num_drafted: speculative / prompt-lookup decoding: ``[rows]`` draft tokens proposed, else None.
     """
 
     sequences: np.ndarray
@@ -168,6 +217,18 @@ class GenerationOutput:
     num_new_tokens: np.ndarray
     logprobs: np.ndarray | None = None
     sequences_scores: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    num_accepted: np.ndarray | None = None
+    num_drafted: np.ndarray | None = None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted over proposed draft tokens (speculative / prompt-lookup decoding), else None."""
+        if self.num_drafted is None:
+            return None
+        drafted = int(np.sum(self.num_drafted))
+        return float(np.sum(self.num_accepted)) / drafted if drafted else 0.0
 
     def new_tokens(self) -> list[list[int]]:
         """Each row's generated tokens, without the padding after it finished."""

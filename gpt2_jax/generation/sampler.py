@@ -32,7 +32,8 @@ from ..kv_cache import KVCache
 from . import processors
 from .config import GenerationConfig
 from .engine import carry_cache, count_trace, forward, program_weights, repeat_cache, unflatten_cache
-from .request import GenerationOutput, Request, build_request, prompt_keys, request_key, row_keys
+from .logits_processors import ProcessorState, apply_processors
+from .request import GenerationOutput, Knobs, Request, prompt_keys, row_keys
 
 
 @struct.dataclass
@@ -50,6 +51,8 @@ class SamplingState:
         keys: ``[rows]`` PRNG keys, split every step.
         seen: ``[rows, vocab]`` bool, ids present in the row (repetition penalty).
         logprobs: ``[rows, cap]`` float32 log-probs of the picked tokens, or None.
+        scores: ``[rows, cap, vocab]`` float32 processed scores of each step (``output_scores``), or None.
+        raw_logits: ``[rows, cap, vocab]`` float32 raw logits of each step (``output_logits``), or None.
     """
 
     step: jax.Array
@@ -61,6 +64,8 @@ class SamplingState:
     keys: jax.Array
     seen: jax.Array
     logprobs: jax.Array | None
+    scores: jax.Array | None = None
+    raw_logits: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +79,17 @@ class SamplerSpec:
     cap: int
     num_return_sequences: int
     do_sample: bool
-    no_repeat_ngram_size: int
     return_logprobs: bool
     tuning: Tuning
+    output_scores: bool = False
+    output_logits: bool = False
 
     @classmethod
     def from_request(cls, request: Request) -> "SamplerSpec":
         c = request.config
         return cls(
             request.model_config, request.dtype, request.prompts.bucket, request.cap, c.num_return_sequences,
-            c.do_sample, c.no_repeat_ngram_size, c.return_logprobs, request.tuning,
+            c.do_sample, c.return_logprobs, request.tuning, c.output_scores, c.output_logits,
         )
 
 
@@ -92,27 +98,36 @@ def eos_mask(eos_ids: jax.Array, vocab_size: int) -> jax.Array:
     return jnp.zeros((vocab_size,), bool).at[eos_ids].set(True)
 
 
-def select_next(state: SamplingState, logits: jax.Array, knobs: dict, spec: SamplerSpec) -> SamplingState:
-    """Process ``logits [rows, vocab]``, pick each row's next token and write it at slot ``bucket + step``."""
+def processor_state(state: SamplingState, knobs: Knobs, spec: SamplerSpec) -> ProcessorState:
+    """What the processors see while choosing token ``step`` of every row."""
+    return ProcessorState(tokens=state.tokens, start=state.start, end=spec.bucket + state.step, step=state.step,
+                          prompt_width=knobs.prompt_width, max_new_tokens=knobs.max_new_tokens, seen=state.seen)
+
+
+def pick(processed: jax.Array, keys: jax.Array, do_sample: bool):
+    """Argmax, or one draw per row with its key split (``(token [rows] int32, new keys)``)."""
+    if not do_sample:
+        return jnp.argmax(processed, axis=-1).astype(jnp.int32), keys
+    pairs = jax.vmap(jax.random.split)(keys)  # [rows, 2, ...]
+    keys, draw = pairs[:, 0], pairs[:, 1]
+    return jax.vmap(processors.sample)(draw, processed).astype(jnp.int32), keys
+
+
+def _write_step(buffer: jax.Array | None, values: jax.Array, step: jax.Array) -> jax.Array | None:
+    """``buffer [rows, cap, vocab]`` with ``values [rows, vocab]`` written at ``step`` (None stays None)."""
+    if buffer is None:
+        return None
+    return jax.lax.dynamic_update_slice_in_dim(buffer, values[:, None, :].astype(buffer.dtype), step, axis=1)
+
+
+def select_next(state: SamplingState, logits: jax.Array, knobs: Knobs, spec: SamplerSpec) -> SamplingState:
+    """Process ``logits [rows, vocab]`` with the request's processors, pick each row's next token and write it at
+    slot ``bucket + step``."""
     vocab = logits.shape[-1]
     end = spec.bucket + state.step  # one past the last written slot
-    banned = None
-    if spec.no_repeat_ngram_size:
-        banned = processors.no_repeat_ngram_banned(state.tokens, state.start, end, spec.no_repeat_ngram_size, vocab)
-    stop_ids = eos_mask(knobs["eos_ids"], vocab)
-    processed = processors.process_logits(
-        logits, seen=state.seen, penalty=knobs["repetition_penalty"], banned=banned, eos_mask=stop_ids,
-        suppress_eos=state.step < knobs["min_new_tokens"], do_sample=spec.do_sample, temp=knobs["temperature"],
-        top_k=knobs["top_k"], top_p=knobs["top_p"], tuning=spec.tuning,
-    )  # [rows, vocab]
-    keys = state.keys
-    if spec.do_sample:
-        pairs = jax.vmap(jax.random.split)(keys)  # [rows, 2, ...]
-        keys, draw = pairs[:, 0], pairs[:, 1]
-        token = jax.vmap(processors.sample)(draw, processed)
-    else:
-        token = jnp.argmax(processed, axis=-1)
-    token = jnp.where(state.done, knobs["pad_id"], token.astype(jnp.int32))  # [rows]
+    processed = apply_processors(knobs.processors, logits, processor_state(state, knobs, spec))  # [rows, vocab]
+    token, keys = pick(processed, state.keys, spec.do_sample)
+    token = jnp.where(state.done, knobs.pad_id, token)  # [rows]
     rows = jnp.arange(token.shape[0])
     logprobs = state.logprobs
     if logprobs is not None:
@@ -120,18 +135,24 @@ def select_next(state: SamplingState, logits: jax.Array, knobs: dict, spec: Samp
         logprobs = jax.lax.dynamic_update_slice_in_dim(
             logprobs, jnp.where(state.done, 0.0, picked)[:, None], state.step, axis=1
         )
+    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], end, axis=1)
+    finished = eos_mask(knobs.eos_ids, vocab)[token]
+    if knobs.stop is not None:
+        finished |= knobs.stop.matches(tokens, state.start, end + 1)
     return state.replace(
         step=state.step + 1,
-        tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], end, axis=1),
-        done=state.done | stop_ids[token],
+        tokens=tokens,
+        done=state.done | finished,
         num_new_tokens=state.num_new_tokens + (~state.done).astype(jnp.int32),
         keys=keys,
         seen=state.seen.at[rows, token].set(True),
         logprobs=logprobs,
+        scores=_write_step(state.scores, processed, state.step),
+        raw_logits=_write_step(state.raw_logits, logits, state.step),
     )
 
 
-def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: SamplerSpec) -> SamplingState:
+def start_state(params, input_ids, attention_mask, keys, knobs: Knobs, spec: SamplerSpec) -> SamplingState:
     """Prefill the prompts and pick the first token.
 
     Args:
@@ -149,7 +170,7 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
         cache = repeat_cache(cache, n)
         logits, input_ids, attention_mask = (jnp.repeat(x, n, axis=0) for x in (logits, input_ids, attention_mask))
     rows = batch * n
-    tokens = jnp.full((rows, spec.bucket + spec.cap), knobs["pad_id"], jnp.int32)
+    tokens = jnp.full((rows, spec.bucket + spec.cap), knobs.pad_id, jnp.int32)
     tokens = tokens.at[:, : spec.bucket].set(input_ids)
     real = attention_mask.astype(bool)
     state = SamplingState(
@@ -162,11 +183,13 @@ def start_state(params, input_ids, attention_mask, keys, knobs: dict, spec: Samp
         keys=row_keys(keys, n),
         seen=processors.seen_mask(input_ids, real, cfg.vocab_size),
         logprobs=jnp.zeros((rows, spec.cap), jnp.float32) if spec.return_logprobs else None,
+        scores=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_scores else None,
+        raw_logits=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_logits else None,
     )
     return select_next(state, logits, knobs, spec)
 
 
-def advance_state(params, state: SamplingState, knobs: dict, spec: SamplerSpec) -> SamplingState:
+def advance_state(params, state: SamplingState, knobs: Knobs, spec: SamplerSpec) -> SamplingState:
     """Feed the last token of every row through the model and pick the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, spec.bucket + state.step - 1, 1, axis=1)  # [rows, 1]
     logits, cache = forward(params, last, None, unflatten_cache(state.cache), spec.model_config, spec.dtype,
@@ -174,9 +197,9 @@ def advance_state(params, state: SamplingState, knobs: dict, spec: SamplerSpec) 
     return select_next(state.replace(cache=carry_cache(cache, spec.tuning)), logits, knobs, spec)
 
 
-def keep_going(state: SamplingState, knobs: dict) -> jax.Array:
+def keep_going(state: SamplingState, knobs: Knobs) -> jax.Array:
     """The loop condition: budget left and some row not finished."""
-    return (state.step < knobs["max_new_tokens"]) & ~jnp.all(state.done)
+    return (state.step < knobs.max_new_tokens) & ~jnp.all(state.done)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -186,7 +209,7 @@ def _sample_program(params, input_ids, attention_mask, keys, knobs, *, spec: Sam
     state = jax.lax.while_loop(
         lambda s: keep_going(s, knobs), lambda s: advance_state(params, s, knobs, spec), state
     )
-    return state.tokens, state.step, state.num_new_tokens, state.logprobs
+    return state.tokens, state.step, state.num_new_tokens, state.logprobs, state.scores, state.raw_logits
 
 
 def run_request(params, request: Request, key) -> GenerationOutput:
@@ -194,7 +217,7 @@ def run_request(params, request: Request, key) -> GenerationOutput:
     spec = SamplerSpec.from_request(request)
     prompts = request.prompts
     keys = prompt_keys(key, request.batch_size)
-    tokens, steps, counts, logprobs = _sample_program(
+    tokens, steps, counts, logprobs, scores, raw = _sample_program(
         program_weights(params, request.tuning), jnp.asarray(prompts.input_ids),
         jnp.asarray(prompts.attention_mask), keys, request.knobs, spec=spec,
     )
@@ -205,45 +228,15 @@ def run_request(params, request: Request, key) -> GenerationOutput:
         prompt_width=prompts.width,
         num_new_tokens=np.asarray(counts),
         logprobs=None if logprobs is None else np.asarray(logprobs)[:, :steps],
+        scores=None if scores is None else np.asarray(scores)[:, :steps],
+        logits=None if raw is None else np.asarray(raw)[:, :steps],
     )
 
 
-def generate(
-    params,
-    input_ids,
-    attention_mask=None,
-    key=None,
-    config: GenerationConfig | None = None,
-    *,
-    model_config: GPT2Config,
-    dtype: Any = None,
-    **overrides: Any,
-) -> GenerationOutput:
-    """Generate continuations of a batch of prompts: greedy, sampling or beam search, compiled once per bucket.
+def __getattr__(name: str):
+    """``sampler.generate`` moved to :mod:`gpt2_jax.generation.api`; the old import path keeps working."""
+    if name == "generate":
+        from .api import generate
 
-    Args:
-        params: GPT-2 params (``init_params`` / ``from_pretrained``).
-        input_ids: ``[batch, seq]`` or ``[seq]`` int ids, or a list of token lists (ragged). Rows may be padded
-            on either side when ``attention_mask`` is given; an empty prompt starts from the bos id
-            (``<|endoftext|>`` for GPT-2).
-        attention_mask: ``[batch, seq]``, 1 for real tokens.
-        key: a ``jax.random`` key (or one per prompt); required when ``do_sample``.
-        config: a :class:`GenerationConfig` (default: greedy, 20 new tokens).
-        model_config: the model's :class:`GPT2Config`.
-        dtype: compute dtype (default: the params' dtype).
-        **overrides: :class:`GenerationConfig` fields replacing those of ``config``.
-
-    Returns:
-        A :class:`~gpt2_jax.generation.request.GenerationOutput`.
-
-    Raises:
-        ValueError: bad knobs, ids outside the vocabulary, prompt + ``max_new_tokens`` beyond ``n_positions``,
-            sampling without a key; all raised before anything is compiled.
-    """
-    request = build_request(params, model_config, input_ids, attention_mask, config, dtype, **overrides)
-    key = request_key(request.config, key)
-    if request.config.num_beams > 1:
-        from .beam_search import run_beam_request
-
-        return run_beam_request(params, request, key)
-    return run_request(params, request, key)
+        return generate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

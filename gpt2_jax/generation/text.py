@@ -14,7 +14,7 @@ import numpy as np
 
 from ..tokenizer import GPT2Tokenizer, StreamingDecoder
 from .config import GenerationConfig
-from .sampler import generate
+from .api import generate
 from .streaming import stream
 
 
@@ -59,6 +59,7 @@ def generate_text(
     tokenizer: GPT2Tokenizer | None = None,
     return_full_text: bool = False,
     skip_special_tokens: bool = True,
+    assistant: Any = None,
     **overrides: Any,
 ) -> str | list:
     """Generate text for one prompt or a batch of prompts.
@@ -74,6 +75,8 @@ def generate_text(
         tokenizer: overrides the checkpoint's tokenizer.
         return_full_text: prepend the prompt to each continuation.
         skip_special_tokens: drop ``<|endoftext|>`` from the decoded text.
+        assistant: a loaded draft checkpoint (same tokenizer) for speculative decoding with
+            ``num_assistant_tokens`` draft tokens per step.
 
     Returns:
         For one prompt: a string, or a list of ``num_return_sequences`` strings. For a list of prompts: a list
@@ -85,8 +88,9 @@ def generate_text(
     if not texts:
         raise ValueError("prompts is empty")
     ids = [tok.encode(t) for t in texts]
+    draft = {} if assistant is None else dict(assistant_params=assistant.params, assistant_config=assistant.config)
     out = generate(params, ids, key=_resolve_key(key, seed, config), config=config, model_config=model_config,
-                   dtype=dtype)
+                   dtype=dtype, tokenizer=tok, **draft)
     n = config.num_return_sequences
     decoded = [tok.decode(row, skip_special_tokens=skip_special_tokens) for row in out.new_tokens()]
     if return_full_text:
