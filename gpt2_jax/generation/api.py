@@ -27,6 +27,8 @@ def generate(
     tokenizer: Any = None,
     assistant_params=None,
     assistant_config: GPT2Config | None = None,
+    hooks: Sequence[Any] | None = None,
+    return_activations: Sequence[str] | None = None,
     **overrides: Any,
 ) -> GenerationOutput:
     """Generate continuations of a batch of prompts, compiled once per bucket: greedy, sampling, beam search,
@@ -50,6 +52,12 @@ def generate(
         assistant_params: the draft model's params: speculative decoding with ``num_assistant_tokens`` (K) draft
             tokens per step (greedy output equals plain greedy; sampling keeps the target's distribution).
         assistant_config: the draft model's :class:`GPT2Config` (same vocabulary and tokenizer as the target).
+        hooks: ``[(name, fn), ...]`` interventions (:mod:`gpt2_jax.interp`: steering vectors, ablations) applied
+            at the prefill and at every decode step inside the compiled loop; greedy decoding and sampling only.
+            Their array data is traced (new values reuse the compiled program), their code is part of its identity.
+        return_activations: hook names (position-major ones: residual, attention q/k/v/z/result, MLP, norms)
+            whose activations are returned in ``output.activations[name] [rows, steps, ...]``: for each
+            generated token, the activation at the position whose logits picked it.
         **overrides: :class:`GenerationConfig` fields replacing those of ``config``.
 
     Returns:
@@ -67,6 +75,9 @@ def generate(
     key = request_key(request.config, key)
     cfg = request.config
     drafting = assistant_params is not None or cfg.prompt_lookup_num_tokens is not None
+    if (hooks or return_activations) and (cfg.num_beams > 1 or drafting):
+        raise ValueError("hooks= and return_activations= work with greedy decoding and sampling; not yet with beam "
+                         "search or speculative / prompt-lookup decoding")
     if cfg.num_beams > 1:
         if drafting:
             raise ValueError("speculative / prompt-lookup decoding does not combine with beam search (num_beams > 1)")
@@ -82,4 +93,6 @@ def generate(
                                        assistant_config=assistant_config)
     from .sampler import run_request
 
+    if hooks or return_activations:
+        return run_request(params, request, key, hooks=hooks, return_activations=return_activations)
     return run_request(params, request, key)

@@ -131,7 +131,7 @@ def carry_cache(cache: KVCache, tuning: Tuning) -> KVCache:
 
 
 def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache, config: GPT2Config,
-            dtype: str, tuning: Tuning | None = None) -> tuple[jax.Array, KVCache]:
+            dtype: str, tuning: Tuning | None = None, hooks=None) -> tuple[jax.Array, KVCache]:
     """One cached forward pass returning the logits of the last position only.
 
     Args:
@@ -142,13 +142,17 @@ def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cach
         config, dtype: the architecture and compute dtype.
         tuning: the backend settings (static); None: :func:`~gpt2_jax.backend.tuning_for` of ``params`` (JAX's
             default backend when they are tracers). The compiled programs always pass the request's.
+        hooks: a :class:`~gpt2_jax.interp.runner.HookRunner` built inside the calling program (its hook code is
+            part of that program's static identity, its data traced), or None: the plain model.
 
     Returns:
         ``(logits [batch, vocab] float32, the advanced cache)``.
     """
     tuning = tuning if tuning is not None else backend.tuning_for(params)
     variables = params.variables if isinstance(params, DecodeWeights) else {"params": params}
-    out = lm_model(config, dtype, tuning).apply(
+    model = lm_model(config, dtype, tuning) if hooks is None else GPT2LMHeadModel(
+        config, dtype=jnp.dtype(dtype), tuning=tuning, hooks=hooks)
+    out = model.apply(
         variables, input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1
     )
     return out.logits[:, -1].astype(jnp.float32), out.cache  # [batch, 1, vocab] -> [batch, vocab]

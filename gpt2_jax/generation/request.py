@@ -210,6 +210,8 @@ class GenerationOutput:
         logits: ``[rows, steps, vocab]`` float32 raw logits of every step (``output_logits=True``), else None.
         num_accepted: speculative / prompt-lookup decoding: ``[rows]`` draft tokens accepted, else None.
         num_drafted: speculative / prompt-lookup decoding: ``[rows]`` draft tokens proposed, else None.
+        activations: ``generate(..., return_activations=[names])``: ``{name: [rows, steps, ...]}``, the
+            activation at the position whose logits picked each generated token, else None.
     """
 
     sequences: np.ndarray
@@ -221,6 +223,7 @@ class GenerationOutput:
     logits: np.ndarray | None = None
     num_accepted: np.ndarray | None = None
     num_drafted: np.ndarray | None = None
+    activations: dict | None = None
 
     @property
     def acceptance_rate(self) -> float | None:

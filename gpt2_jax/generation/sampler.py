@@ -66,6 +66,24 @@ class SamplingState:
     logprobs: jax.Array | None
     scores: jax.Array | None = None
     raw_logits: jax.Array | None = None
+    activations: dict | None = None  # {name: [rows, cap, ...]} (return_activations)
+
+
+def _runner(spec: "SamplerSpec", hook_data):
+    """The hook runner of one forward pass (None without hooks or returned activations)."""
+    if spec.hooks is None and not spec.activations:
+        return None
+    from ..interp.runner import HookRunner
+
+    return HookRunner(spec.hooks.build(hook_data) if spec.hooks is not None else (), spec.activations)
+
+
+def _write_activations(buffers: dict | None, runner, step: jax.Array) -> dict | None:
+    """``buffers[name] [rows, cap, ...]`` with the last position of each recorded activation written at ``step``."""
+    if not buffers:
+        return buffers
+    return {name: jax.lax.dynamic_update_slice_in_dim(buf, runner.store[name][:, -1:].astype(buf.dtype), step, axis=1)
+            for name, buf in buffers.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +101,8 @@ class SamplerSpec:
     tuning: Tuning
     output_scores: bool = False
     output_logits: bool = False
+    hooks: Any = None  # a gpt2_jax.interp.runner.HookSpec (hook code); its data is a traced program argument
+    activations: tuple[str, ...] = ()  # hook names whose activations are returned for every generated token
 
     @classmethod
     def from_request(cls, request: Request) -> "SamplerSpec":
@@ -152,7 +172,8 @@ def select_next(state: SamplingState, logits: jax.Array, knobs: Knobs, spec: Sam
     )
 
 
-def start_state(params, input_ids, attention_mask, keys, knobs: Knobs, spec: SamplerSpec) -> SamplingState:
+def start_state(params, input_ids, attention_mask, keys, knobs: Knobs, spec: SamplerSpec,
+                hook_data=()) -> SamplingState:
     """Prefill the prompts and pick the first token.
 
     Args:
@@ -165,7 +186,14 @@ def start_state(params, input_ids, attention_mask, keys, knobs: Knobs, spec: Sam
     cfg, n = spec.model_config, spec.num_return_sequences
     batch = input_ids.shape[0]
     cache = KVCache.zeros(cfg, batch, spec.bucket + spec.cap, jnp.dtype(spec.dtype))
-    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning)  # once a prompt
+    runner = _runner(spec, hook_data)
+    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning,
+                            hooks=runner)  # once a prompt
+    activations = None
+    if spec.activations:  # [batch, bucket, ...] -> [rows, cap, ...] buffers, the prompt's last position at step 0
+        store = {k: jnp.repeat(v[:, -1:], n, axis=0) for k, v in runner.store.items()}
+        activations = {k: jnp.zeros((batch * n, spec.cap, *v.shape[2:]), v.dtype).at[:, :1].set(v)
+                       for k, v in store.items()}
     if n > 1:  # the return sequences of a prompt share its prefill
         cache = repeat_cache(cache, n)
         logits, input_ids, attention_mask = (jnp.repeat(x, n, axis=0) for x in (logits, input_ids, attention_mask))
@@ -185,16 +213,20 @@ def start_state(params, input_ids, attention_mask, keys, knobs: Knobs, spec: Sam
         logprobs=jnp.zeros((rows, spec.cap), jnp.float32) if spec.return_logprobs else None,
         scores=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_scores else None,
         raw_logits=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_logits else None,
+        activations=activations,
     )
     return select_next(state, logits, knobs, spec)
 
 
-def advance_state(params, state: SamplingState, knobs: Knobs, spec: SamplerSpec) -> SamplingState:
+def advance_state(params, state: SamplingState, knobs: Knobs, spec: SamplerSpec, hook_data=()) -> SamplingState:
     """Feed the last token of every row through the model and pick the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, spec.bucket + state.step - 1, 1, axis=1)  # [rows, 1]
+    runner = _runner(spec, hook_data)
     logits, cache = forward(params, last, None, unflatten_cache(state.cache), spec.model_config, spec.dtype,
-                            spec.tuning)  # the model takes the 4-D cache: a free reshape of the carried view
-    return select_next(state.replace(cache=carry_cache(cache, spec.tuning)), logits, knobs, spec)
+                            spec.tuning, hooks=runner)  # the model takes the 4-D cache: a free reshape of the view
+    state = state.replace(cache=carry_cache(cache, spec.tuning),
+                          activations=_write_activations(state.activations, runner, state.step))
+    return select_next(state, logits, knobs, spec)
 
 
 def keep_going(state: SamplingState, knobs: Knobs) -> jax.Array:
@@ -203,23 +235,32 @@ def keep_going(state: SamplingState, knobs: Knobs) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _sample_program(params, input_ids, attention_mask, keys, knobs, *, spec: SamplerSpec):
+def _sample_program(params, input_ids, attention_mask, keys, knobs, hook_data=(), *, spec: SamplerSpec):
     count_trace("sample")
-    state = start_state(params, input_ids, attention_mask, keys, knobs, spec)
+    state = start_state(params, input_ids, attention_mask, keys, knobs, spec, hook_data)
     state = jax.lax.while_loop(
-        lambda s: keep_going(s, knobs), lambda s: advance_state(params, s, knobs, spec), state
+        lambda s: keep_going(s, knobs), lambda s: advance_state(params, s, knobs, spec, hook_data), state
     )
-    return state.tokens, state.step, state.num_new_tokens, state.logprobs, state.scores, state.raw_logits
+    return (state.tokens, state.step, state.num_new_tokens, state.logprobs, state.scores, state.raw_logits,
+            state.activations)
 
 
-def run_request(params, request: Request, key) -> GenerationOutput:
-    """Run a checked greedy / sampling request (``num_beams == 1``)."""
+def run_request(params, request: Request, key, hooks=None, return_activations=None) -> GenerationOutput:
+    """Run a checked greedy / sampling request (``num_beams == 1``), with ``hooks`` (``[(name, fn), ...]``,
+    :mod:`gpt2_jax.interp`) applied at prefill and every decode step, and the ``return_activations`` names
+    recorded for every generated token."""
     spec = SamplerSpec.from_request(request)
+    hook_data = ()
+    if hooks or return_activations:
+        from ..interp.generation import hook_spec_for_generation
+
+        hook_spec, hook_data, names = hook_spec_for_generation(hooks, return_activations, request.model_config)
+        spec = dataclasses.replace(spec, hooks=hook_spec, activations=names)
     prompts = request.prompts
     keys = prompt_keys(key, request.batch_size)
-    tokens, steps, counts, logprobs, scores, raw = _sample_program(
+    tokens, steps, counts, logprobs, scores, raw, activations = _sample_program(
         program_weights(params, request.tuning), jnp.asarray(prompts.input_ids),
-        jnp.asarray(prompts.attention_mask), keys, request.knobs, spec=spec,
+        jnp.asarray(prompts.attention_mask), keys, request.knobs, hook_data, spec=spec,
     )
     steps = int(steps)
     tokens = np.asarray(tokens)
@@ -230,6 +271,7 @@ def run_request(params, request: Request, key) -> GenerationOutput:
         logprobs=None if logprobs is None else np.asarray(logprobs)[:, :steps],
         scores=None if scores is None else np.asarray(scores)[:, :steps],
         logits=None if raw is None else np.asarray(raw)[:, :steps],
+        activations=None if not activations else {k: np.asarray(v)[:, :steps] for k, v in activations.items()},
     )
 
 
