@@ -10,6 +10,9 @@ from .checkpoints.safetensors_io import CheckpointError
 from .config import GPT2Config
 from .generation import GenerationConfig, GenerationOutput, decode_step, generate, generate_text, prefill, stream, stream_text
 from .inspect import attention_maps, logit_lens, model_info, next_token_table, run_benchmark
+from . import interp
+from .interp import (ActivationCache, activation_patching, attribution_patching, hook_names, run_with_cache,
+                     run_with_hooks)
 from .kv_cache import KVCache
 from .layers import REMAT_POLICIES, Variant, register_variant
 from .losses import causal_lm_loss, cross_entropy
