@@ -20,7 +20,7 @@ from .devices import DevicePeaks, lookup_device
 from .info import ModelInfo, ModuleParams, format_model_info, model_info
 from .jsonschema_lite import validate as validate_json
 from .lens import LogitLens, format_logit_lens, logit_lens, plot_logit_lens
-from .next_token import NextTokenRow, format_next_token_table, next_token_probs, next_token_table
+from .next_token import NextTokenRow, format_next_token_table, next_token_probs, next_token_table, next_token_top
 
 __all__ = [
     "AttentionMaps", "attention_html", "attention_maps", "plot_attention", "write_attention_html",
@@ -29,5 +29,5 @@ __all__ = [
     "ModelInfo", "ModuleParams", "format_model_info", "model_info",
     "validate_json",
     "LogitLens", "format_logit_lens", "logit_lens", "plot_logit_lens",
-    "NextTokenRow", "format_next_token_table", "next_token_probs", "next_token_table",
+    "NextTokenRow", "format_next_token_table", "next_token_probs", "next_token_table", "next_token_top",
 ]

@@ -59,6 +59,31 @@ def as_ids(ids: Any, config: GPT2Config) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def is_traced(x: Any) -> bool:
+    """True inside ``jax.jit`` (or another transformation) for an abstract value whose numbers are unknown."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def ids_array(ids: Any, config: GPT2Config) -> Any:
+    """:func:`as_ids`, or inside ``jax.jit`` a traced ``[seq]`` / ``[1, seq]`` int array checked by shape and dtype
+    only (its values are unknown while tracing): ``[seq]`` int32 either way."""
+    if not is_traced(ids):
+        return as_ids(ids, config)
+    arr = ids[0] if ids.ndim == 2 and ids.shape[0] == 1 else ids
+    if arr.ndim != 1:
+        raise ValueError(f"expected one sequence of token ids ([seq] or [1, seq]), got shape {list(ids.shape)}")
+    if arr.shape[0] == 0 or arr.shape[0] > config.n_positions:
+        raise ValueError(f"the input is {arr.shape[0]} tokens; it must be 1..n_positions={config.n_positions}")
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    return arr.astype(jnp.int32)
+
+
+def to_host(x: Any) -> Any:
+    """``np.asarray(x)``, except for a traced value (inside ``jax.jit``), which is returned as it is."""
+    return x if x is None or is_traced(x) else np.asarray(x)
+
+
 def encode(tokenizer: Any, text: str, config: GPT2Config) -> np.ndarray:
     """``text`` -> ids ``[seq]``; a clear error when it is empty or longer than the model's context."""
     if not isinstance(text, str):
@@ -109,7 +134,7 @@ def forward(params: Any, config: GPT2Config, ids: np.ndarray, *, attentions: boo
 
     ``logits_to_keep`` > 0 computes the logits of the last positions only (``[1, logits_to_keep, vocab]``).
     """
-    ids = as_ids(ids, config)
+    ids = ids_array(ids, config)
     fn = _jitted_forward(config, dtype_name(resolve_dtype(dtype)), attentions, hidden_states, int(logits_to_keep))
     return fn(params, jnp.asarray(ids)[None, :])  # logits [1, seq or logits_to_keep, vocab]
 

@@ -19,12 +19,13 @@ import json
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..atomic import atomic_write_path
 from ..config import GPT2Config
-from ._common import as_ids, check_output_path, forward, token_labels
+from ._common import check_output_path, forward, ids_array, to_host, token_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,9 @@ class AttentionMaps:
         return self.attentions[layer, head]
 
 
+jax.tree_util.register_dataclass(AttentionMaps, data_fields=["input_ids", "attentions"], meta_fields=[])  # jit-returnable
+
+
 def check_layer_head(layer: int | None, head: int | None, n_layer: int, n_head: int) -> None:
     """Raise ValueError naming the valid range when ``layer`` or ``head`` (0-based; None = not given) is outside
     it."""
@@ -74,12 +78,14 @@ def attention_maps(params: Any, config: GPT2Config, ids: Any, dtype: Any = jnp.f
         dtype: the computation dtype (the softmax is always float32).
 
     Returns:
-        an :class:`AttentionMaps` with ``attentions [n_layer, n_head, seq, seq]`` as float32 numpy.
+        an :class:`AttentionMaps` with ``attentions [n_layer, n_head, seq, seq]`` as float32 numpy; inside
+        ``jax.jit`` (traced ``ids`` or ``params``) as a jax array, in a pytree the jitted function can return. The
+        page and the PNG (:func:`write_attention_html`, :func:`plot_attention`) take the concrete result.
     """
-    ids = as_ids(ids, config)
+    ids = ids_array(ids, config)
     out = forward(params, config, ids, attentions=True, logits_to_keep=1, dtype=dtype)
     stacked = jnp.stack(out.attentions)[:, 0].astype(jnp.float32)  # [n_layer, n_head, seq, seq]
-    return AttentionMaps(ids, np.asarray(stacked))
+    return AttentionMaps(ids, to_host(stacked))
 
 
 # HTML ----------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 from ..atomic import atomic_write_path
 from ..config import GPT2Config
 from ..model import GPT2LMHeadModel
-from ._common import DTYPES, as_ids, check_output_path, dtype_name, resolve_dtype, token_labels
+from ._common import DTYPES, check_output_path, dtype_name, ids_array, resolve_dtype, to_host, token_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,11 @@ class LogitLens:
     target_probs: np.ndarray
     logits: np.ndarray | None
     layer_names: tuple[str, ...]
+
+
+# A pytree (layer_names static), so that jax.jit can return it: inside jit its fields are jax arrays.
+jax.tree_util.register_dataclass(LogitLens, data_fields=["input_ids", "top_ids", "top_probs", "target_probs", "logits"],
+                                 meta_fields=["layer_names"])
 
 
 def layer_names(config: GPT2Config) -> tuple[str, ...]:
@@ -101,19 +106,21 @@ def logit_lens(params: Any, config: GPT2Config, ids: Any, top: int = 5, return_l
         dtype: the computation dtype (softmax in float32).
 
     Returns:
-        a :class:`LogitLens`.
+        a :class:`LogitLens` of numpy arrays; inside ``jax.jit`` (traced ``ids`` or ``params``) of jax arrays, and
+        the LogitLens is a pytree the jitted function can return. The table and the PNG
+        (:func:`format_logit_lens`, :func:`plot_logit_lens`) take the concrete result, outside ``jit``.
     """
-    ids = as_ids(ids, config)
+    ids = ids_array(ids, config)
     if not isinstance(top, (int, np.integer)) or isinstance(top, bool) or not 1 <= top <= config.vocab_size:
         raise ValueError(f"top must be an integer in [1, vocab_size={config.vocab_size}], got {top!r}")
     fn = _lens_fn(config, dtype_name(resolve_dtype(dtype)), int(top), bool(return_logits))
     top_ids, top_probs, target_probs, logits = fn(params, jnp.asarray(ids)[None, :])
     return LogitLens(
         input_ids=ids,
-        top_ids=np.asarray(top_ids),
-        top_probs=np.asarray(top_probs),
-        target_probs=np.asarray(target_probs),
-        logits=np.asarray(logits) if return_logits else None,
+        top_ids=to_host(top_ids),
+        top_probs=to_host(top_probs),
+        target_probs=to_host(target_probs),
+        logits=to_host(logits) if return_logits else None,
         layer_names=layer_names(config),
     )
 

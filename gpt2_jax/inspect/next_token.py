@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import GPT2Config
-from ._common import encode, forward, token_label
+from ._common import encode, forward, is_traced, to_host, token_label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,27 @@ def next_token_probs(params: Any, config: GPT2Config, ids: Any, dtype: Any = jnp
         dtype: the computation dtype (the softmax is taken in float32).
 
     Returns:
-        float32 probabilities ``[vocab_size]`` summing to 1.
+        float32 probabilities ``[vocab_size]`` summing to 1 (numpy; a jax array inside ``jax.jit``).
     """
     logits = forward(params, config, ids, logits_to_keep=1, dtype=dtype).logits[0, -1]  # [vocab]
-    return np.asarray(jax.nn.softmax(logits.astype(jnp.float32)))
+    return to_host(jax.nn.softmax(logits.astype(jnp.float32)))
+
+
+def next_token_top(params: Any, config: GPT2Config, ids: Any, top: int = 10, dtype: Any = jnp.float32):
+    """The array part of :func:`next_token_table`, usable inside ``jax.jit``: ``(ids [top], probs [top])`` of the
+    ``top`` most likely next tokens after ``ids``, most likely first (ties: lower id first).
+
+    Args:
+        params, config, ids, dtype: as :func:`next_token_probs`; ``ids`` may be traced.
+        top: how many (a Python int: it fixes the output shape).
+    """
+    if not isinstance(top, (int, np.integer)) or isinstance(top, bool) or not 1 <= top <= config.vocab_size:
+        raise ValueError(f"top must be an integer in [1, vocab_size={config.vocab_size}], got {top!r}")
+    probs = jnp.asarray(next_token_probs(params, config, ids, dtype))  # [vocab]
+    top_probs, top_ids = jax.lax.top_k(probs, int(top))  # [top] each
+    if is_traced(top_probs):
+        return top_ids, top_probs
+    return np.asarray(top_ids), np.asarray(top_probs)
 
 
 def top_tokens(probs: np.ndarray, top: int) -> np.ndarray:
@@ -67,8 +84,8 @@ def next_token_table(params: Any, config: GPT2Config, tokenizer: Any, text: str,
     if isinstance(top, (int, np.integer)) and not isinstance(top, bool) and top > config.vocab_size:
         raise ValueError(f"top={top} exceeds the vocabulary size {config.vocab_size}")
     ids = encode(tokenizer, text, config)
-    probs = next_token_probs(params, config, ids, dtype)
-    return [NextTokenRow(token_label(tokenizer, i), int(i), float(probs[i])) for i in top_tokens(probs, top)]
+    top_ids, top_probs = next_token_top(params, config, ids, top, dtype)
+    return [NextTokenRow(token_label(tokenizer, i), int(i), float(p)) for i, p in zip(top_ids, top_probs)]
 
 
 def format_next_token_table(rows: list[NextTokenRow]) -> str:
