@@ -212,3 +212,20 @@ def test_a_lora_train_step_updates_only_the_adapters(params):
     assert losses[-1] < losses[0]
     for before, after in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.params["params"])):
         np.testing.assert_array_equal(before, after)  # the base is bit-identical
+
+
+def test_from_pretrained_merges_an_adapter(params, tmp_path):
+    from gpt2_jax import from_pretrained, save_hf_directory
+
+    save_hf_directory(tmp_path / "base", params, CONFIG)
+    lora = LoraConfig(rank=2, alpha=4)
+    adapters = trained_like(init_lora(jax.random.PRNGKey(2), params, lora))
+    save_adapter(tmp_path / "adapter", adapters, lora, base_model="some/other-base")
+    loaded = from_pretrained(tmp_path / "base", adapter=tmp_path / "adapter")
+    np.testing.assert_allclose(loaded.params["h"]["0"]["attn"]["c_attn"]["kernel"],
+                               merge_lora(params, adapters, lora)["h"]["0"]["attn"]["c_attn"]["kernel"],
+                               rtol=1e-6, atol=1e-7)
+    assert any("LoRA adapter" in n and "rank 2" in n and "8 layers" in n and "some/other-base" in n
+               for n in loaded.notes)
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        from_pretrained(tmp_path / "base", adapter=tmp_path / "missing")

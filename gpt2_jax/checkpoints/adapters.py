@@ -201,6 +201,30 @@ def load_adapter(directory: str | os.PathLike, params: Mapping) -> tuple[dict, L
     return adapters, config, document
 
 
+def check_adapter_directory(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a PEFT adapter directory, checked (see :func:`load_adapter`'s errors)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"adapter {str(directory)!r} is not a directory (a PEFT adapter directory holds "
+                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    return _read_config(directory)
+
+
+def with_adapter(pretrained: Any, directory: str | os.PathLike) -> Any:
+    """A :class:`~gpt2_jax.checkpoints.pretrained.Pretrained` with the adapter in ``directory`` merged into its
+    params, and a note saying so (and naming the base the adapter was trained on when that differs)."""
+    import dataclasses
+
+    adapters, config, document = load_adapter(directory, pretrained.params)
+    params = _merged(pretrained.params, adapters, config)
+    note = (f"LoRA adapter {directory} merged (rank {config.rank}, alpha {config.alpha:g}, "
+            f"{sum(1 for _ in _adapter_paths(adapters))} layers)")
+    trained_on = document.get("base_model_name_or_path")
+    if trained_on and str(trained_on) not in (str(pretrained.source), Path(str(pretrained.source)).name):
+        note += f"; it was trained on base {trained_on!r}"
+    return dataclasses.replace(pretrained, params=params, notes=tuple(pretrained.notes) + (note,))
+
+
 def _adapter_paths(adapters: Mapping, path: tuple[str, ...] = ()):
     if "lora_A" in adapters:
         yield path
@@ -212,9 +236,13 @@ def _adapter_paths(adapters: Mapping, path: tuple[str, ...] = ()):
 def apply_adapter(params: Mapping, directory: str | os.PathLike) -> tuple[dict, LoraConfig, dict[str, Any]]:
     """``params`` with the PEFT adapter in ``directory`` merged in (:func:`gpt2_jax.lora.merge_lora`): plain
     params, in the layout (stacked or not) ``params`` had. Returns ``(params, lora_config, adapter_config_json)``."""
+    adapters, config, document = load_adapter(directory, params)
+    return _merged(params, adapters, config), config, document
+
+
+def _merged(params: Mapping, adapters: Mapping, config: LoraConfig) -> dict:
+    """``params`` with per-layer ``adapters`` merged, in the layout (stacked or not) ``params`` had."""
     from ..stacking import params_are_stacked, stack_layers
 
-    adapters, config, document = load_adapter(directory, params)
-    stacked = params_are_stacked(params)
     merged = merge_lora(unstack_layers(params), adapters, config)
-    return (stack_layers(merged) if stacked else merged), config, document
+    return stack_layers(merged) if params_are_stacked(params) else merged

@@ -200,6 +200,7 @@ def from_pretrained(
     revision: str | None = None,
     dtype: Any = jnp.float32,
     local_files_only: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> Pretrained:
     """Load a GPT-2 checkpoint: config, params and tokenizer.
 
@@ -212,6 +213,8 @@ def from_pretrained(
             names), or None to keep what the file stores. Only floating tensors are cast.
         local_files_only: never touch the network; hub ids must be in the Hugging Face cache (also implied by
             ``HF_HUB_OFFLINE=1``).
+        adapter: a PEFT LoRA adapter directory (ours or written by ``peft``) to merge into the weights
+            (:func:`gpt2_jax.checkpoints.adapters.with_adapter`); the result is plain params, noted in ``notes``.
 
     Returns:
         :class:`Pretrained` ``(config, params, tokenizer, source, format, revision, notes)``.
@@ -223,6 +226,11 @@ def from_pretrained(
         CheckpointError: a corrupt or truncated file, or weights whose shapes disagree with the config.
     """
     resolve_dtype(dtype)  # fail on a bad dtype before any download
+    if adapter is not None:
+        from .adapters import check_adapter_directory, with_adapter
+
+        check_adapter_directory(adapter)  # before any download
+        return with_adapter(from_pretrained(name_or_path, revision, dtype, local_files_only), adapter)
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
