@@ -7,6 +7,7 @@ from .checkpoints.convert import convert_checkpoint
 from .checkpoints.hub import CheckpointNotFoundError, HubUnavailableError
 from .checkpoints.pretrained import Pretrained, TokenizerFallbackWarning, from_pretrained, load_directory, read_config
 from .checkpoints.safetensors_io import CheckpointError
+from .checkpoints.adapters import load_adapter, save_adapter
 from .config import GPT2Config
 from .generation import GenerationConfig, GenerationOutput, decode_step, generate, generate_text, prefill, stream, stream_text
 from .inspect import attention_maps, logit_lens, model_info, next_token_table, run_benchmark
@@ -16,6 +17,7 @@ from .interp import (ActivationCache, activation_patching, attribution_patching,
 from .kv_cache import KVCache
 from .layers import REMAT_POLICIES, Variant, register_variant
 from .losses import causal_lm_loss, cross_entropy
+from .lora import LoraConfig, init_lora, lora_variables, merge_lora
 from .model import (
     CausalLMOutput,
     DoubleHeadsOutput,
