@@ -91,6 +91,19 @@ def register(subparsers) -> None:
     p.add_argument("--quantize", default=None, choices=("int8",),
                    help="int8 weight-only quantization, per-channel scales (on the CPU dequantized once to float32)")
     p.add_argument("--timings", action="store_true", help="print load / generation times to stderr")
+    p.add_argument("--min-p", type=float, default=None, help="min-p sampling: drop tokens below this fraction of "
+                   "the top token's probability, in [0, 1]")
+    p.add_argument("--typical-p", type=float, default=1.0, help="locally typical sampling mass in (0, 1] (1.0 = off)")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop a sequence once its text contains TEXT (repeatable)")
+    p.add_argument("--assistant-model", default=None, metavar="PATH",
+                   help="speculative decoding with this smaller GPT-2 (same tokenizer) as the draft")
+    p.add_argument("--num-assistant-tokens", type=int, default=5, metavar="K",
+                   help="draft tokens per speculative step (default: 5)")
+    p.add_argument("--prompt-lookup", type=int, default=None, metavar="N",
+                   help="prompt-lookup decoding: N draft tokens copied from n-gram matches in the text")
+    p.add_argument("--scores", default=None, metavar="FILE.npy",
+                   help="save the processed scores of every step, [sequences, steps, vocab] float32, as .npy")
     p.set_defaults(func=run)
 
 
@@ -103,7 +116,11 @@ def _generation_config(args):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
         num_beams=args.num_beams, length_penalty=args.length_penalty,
-        num_return_sequences=args.num_return_sequences,
+        num_return_sequences=args.num_return_sequences, min_p=getattr(args, "min_p", None),
+        typical_p=getattr(args, "typical_p", 1.0), stop_strings=getattr(args, "stop", None) or None,
+        num_assistant_tokens=getattr(args, "num_assistant_tokens", 5),
+        prompt_lookup_num_tokens=getattr(args, "prompt_lookup", None),
+        output_scores=getattr(args, "scores", None) is not None,
     )
 
 
@@ -128,12 +145,39 @@ def _check_precision_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
 
 
+def _generate_with_scores(args: argparse.Namespace, model, config, key) -> None:
+    """Generate, print the texts and save the processed scores of every step to ``args.scores`` (.npy)."""
+    import numpy as np
+
+    from .api import generate
+
+    tok = model.tokenizer
+    out = generate(model.params, [tok.encode(args.prompt)], key=key if config.do_sample else None, config=config,
+                   model_config=model.config, tokenizer=tok)
+    rows = out.new_tokens()
+    for i, row in enumerate(rows):
+        if len(rows) > 1:
+            print(f"=== {i + 1} ===")
+        print(args.prompt + tok.decode(row, skip_special_tokens=True))
+    np.save(args.scores, out.scores)
+    print(f"scores: {list(out.scores.shape)} float32 -> {args.scores}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``gpt2-jax generate``; returns the exit code."""
     config = _generation_config(args)  # bad knobs fail here, before loading anything
     _check_precision_args(args)
     if args.stream and (config.num_beams > 1 or config.num_return_sequences > 1):
         raise ValueError("--stream works with one sequence and no beam search")
+    assistant_path = getattr(args, "assistant_model", None)
+    drafting = assistant_path is not None or config.prompt_lookup_num_tokens is not None
+    if drafting and (args.stream or config.num_beams > 1 or config.output_scores or config.stop_strings):
+        raise ValueError("--assistant-model / --prompt-lookup do not combine with --stream, --num-beams > 1, "
+                         "--scores or --stop")
+    if assistant_path is not None and config.prompt_lookup_num_tokens is not None:
+        raise ValueError("--assistant-model and --prompt-lookup are two kinds of drafting: pick one")
+    if args.stream and (config.output_scores or config.stop_strings):
+        raise ValueError("--scores and --stop do not combine with --stream")
     enable_compilation_cache()
 
     import jax
@@ -153,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
 
         model = dataclasses.replace(model, params=quantize_params(model.params, quantize))
     _print_precision_note(args.dtype, quantize, model.params)
+    assistant = None
+    if assistant_path is not None:
+        assistant = load_or_random(assistant_path, getattr(args, "random_weights", False), seed=args.seed + 1,
+                                   dtype=args.dtype)
     t1 = time.perf_counter()
     key = jax.random.key(args.seed)
     if args.stream:
@@ -164,8 +212,10 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+    elif config.output_scores:
+        _generate_with_scores(args, model, config, key)
     else:
-        texts = generate_text(args.prompt, model, config, key=key, return_full_text=True)
+        texts = generate_text(args.prompt, model, config, key=key, return_full_text=True, assistant=assistant)
         texts = [texts] if isinstance(texts, str) else texts
         for i, text in enumerate(texts):
             if len(texts) > 1:
