@@ -229,3 +229,51 @@ def test_from_pretrained_merges_an_adapter(params, tmp_path):
                for n in loaded.notes)
     with pytest.raises(CheckpointError, match="is not a directory"):
         from_pretrained(tmp_path / "base", adapter=tmp_path / "missing")
+
+
+def _cli(*argv):
+    import contextlib
+    import io
+
+    from gpt2_jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_commands_take_an_adapter(tmp_path):
+    """--adapter DIR on generate, eval and the inspection commands merges the adapter: eval of base + adapter equals
+    eval of the merged weights saved as a plain checkpoint, and differs from the base alone."""
+    from gpt2_jax import save_hf_directory
+    from inspect_helpers import TINY, peaked_params
+
+    base = peaked_params(TINY)
+    save_hf_directory(tmp_path / "base", base, TINY)
+    lora = LoraConfig(rank=2, alpha=4)
+    adapters = trained_like(init_lora(jax.random.PRNGKey(2), base, lora), std=0.5)
+    save_adapter(tmp_path / "adapter", adapters, lora, base_model=str(tmp_path / "base"))
+    save_hf_directory(tmp_path / "merged", merge_lora(base, adapters, lora), TINY)
+    (tmp_path / "text.txt").write_text("The theory of relativity is a theory of gravitation. " * 8)
+    data = ["--data", str(tmp_path / "text.txt"), "--seq-len", "16", "--no-progress"]
+
+    losses = {}
+    for name, model, extra in [("base", "base", []), ("adapter", "base", ["--adapter", str(tmp_path / "adapter")]),
+                               ("merged", "merged", [])]:
+        code, out, err = _cli("eval", "--model", str(tmp_path / model), *extra, *data)
+        assert code == 0, err
+        losses[name] = json.loads(out.strip().splitlines()[-1])["loss"]
+        assert ("LoRA adapter" in err) == (name == "adapter")
+    assert losses["adapter"] == pytest.approx(losses["merged"], rel=1e-6) and losses["adapter"] != losses["base"]
+
+    code, out, err = _cli("generate", "Hello", "--model", str(tmp_path / "base"), "--adapter",
+                          str(tmp_path / "adapter"), "--greedy", "--max-new-tokens", "3")
+    assert code == 0 and "LoRA adapter" in err, err
+    outputs = {}
+    for name, extra in [("base", []), ("adapter", ["--adapter", str(tmp_path / "adapter")])]:
+        code, outputs[name], err = _cli("next", "Hello there", "--model", str(tmp_path / "base"), *extra)
+        assert code == 0, err
+    assert outputs["base"] != outputs["adapter"]
+    code, _, err = _cli("next", "Hello", "--model", str(tmp_path / "base"), "--adapter", str(tmp_path / "nothing"))
+    assert code == 2 and "is not a directory" in err and "Traceback" not in err, err

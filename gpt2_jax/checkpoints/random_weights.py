@@ -21,7 +21,7 @@ import numpy as np
 
 from ..config import PRESETS, GPT2Config
 
-__all__ = ["RANDOM_FORMAT", "add_random_weights_argument", "architecture", "is_random", "load_or_random",
+__all__ = ["RANDOM_FORMAT", "add_adapter_argument", "add_random_weights_argument", "architecture", "is_random", "load_or_random",
            "random_params", "random_pretrained", "random_weights_note"]
 
 #: ``Pretrained.format`` of a model made by :func:`random_pretrained`.
@@ -37,6 +37,17 @@ RANDOM_WEIGHTS_HELP = (
 def add_random_weights_argument(parser: argparse.ArgumentParser | Any, help: str = RANDOM_WEIGHTS_HELP) -> None:
     """Add ``--random-weights`` (a flag, default off) to a parser or argument group."""
     parser.add_argument("--random-weights", action="store_true", help=help)
+
+
+ADAPTER_HELP = (
+    "a LoRA adapter directory in PEFT's format (adapter_config.json + adapter_model.safetensors; written by "
+    "gpt2-jax or by peft) to merge into the weights of --model"
+)
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser | Any, help: str = ADAPTER_HELP) -> None:
+    """Add ``--adapter DIR`` (default none) to a parser or argument group."""
+    parser.add_argument("--adapter", default=None, metavar="DIR", help=help)
 
 
 def architecture(name_or_path: str | os.PathLike) -> GPT2Config:
@@ -110,14 +121,22 @@ def random_weights_note(source: str = "random weights") -> str:
 
 def load_or_random(name_or_path: str | os.PathLike, random_weights: bool = False, *, seed: int = 0,
                    dtype: Any = "float32", revision: str | None = None, local_files_only: bool = False,
-                   abstract: bool = False):
-    """``from_pretrained(name_or_path, ...)``, or with ``random_weights`` :func:`random_pretrained` (offline).
+                   abstract: bool = False, adapter: str | os.PathLike | None = None):
+    """``from_pretrained(name_or_path, ...)``, or with ``random_weights`` :func:`random_pretrained` (offline);
+    ``adapter``: a PEFT LoRA adapter directory merged into either (its note is the last of ``notes``).
 
     Returns:
         A :class:`~gpt2_jax.checkpoints.pretrained.Pretrained`; :func:`is_random` tells which it is.
     """
     if random_weights:
-        return random_pretrained(name_or_path, seed, dtype, abstract)
+        model = random_pretrained(name_or_path, seed, dtype, abstract and adapter is None)
+        if adapter is not None:
+            from .adapters import check_adapter_directory, with_adapter
+
+            check_adapter_directory(adapter)
+            model = with_adapter(model, adapter)
+        return model
     from .pretrained import from_pretrained
 
-    return from_pretrained(name_or_path, revision=revision, dtype=dtype, local_files_only=local_files_only)
+    return from_pretrained(name_or_path, revision=revision, dtype=dtype, local_files_only=local_files_only,
+                           adapter=adapter)

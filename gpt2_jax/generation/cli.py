@@ -66,9 +66,10 @@ def register(subparsers) -> None:
     p.add_argument("prompt", help='the prompt ("" starts from <|endoftext|>)')
     p.add_argument("--model", default="gpt2", help="hub id or local checkpoint directory (default: gpt2); with "
                    "--random-weights, the architecture (a preset such as gpt2, or a config.json)")
-    from ..checkpoints.random_weights import add_random_weights_argument
+    from ..checkpoints.random_weights import add_adapter_argument, add_random_weights_argument
 
     add_random_weights_argument(p)
+    add_adapter_argument(p)
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate at most (default: 50)")
     p.add_argument("--min-new-tokens", type=int, default=0, help="no <|endoftext|> before this many tokens")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature > 0 (default: 1.0)")
@@ -186,9 +187,13 @@ def run(args: argparse.Namespace) -> int:
     from .text import generate_text, stream_text
 
     t0 = time.perf_counter()
-    model = load_or_random(args.model, getattr(args, "random_weights", False), seed=args.seed, dtype=args.dtype)
+    adapter = getattr(args, "adapter", None)
+    model = load_or_random(args.model, getattr(args, "random_weights", False), seed=args.seed, dtype=args.dtype,
+                           adapter=adapter)
     if is_random(model):
         print(f"note: {model.notes[0]}", file=sys.stderr)
+    if adapter is not None:
+        print(f"note: {model.notes[-1]}", file=sys.stderr)
     quantize = getattr(args, "quantize", None)
     if quantize is not None:
         import dataclasses

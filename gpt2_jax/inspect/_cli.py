@@ -8,8 +8,8 @@ import dataclasses
 import sys
 from typing import Any
 
-from ..checkpoints.random_weights import (add_random_weights_argument, architecture, random_params,
-                                         random_pretrained)
+from ..checkpoints.random_weights import (add_adapter_argument, add_random_weights_argument, architecture,
+                                         load_or_random, random_params)
 from ..config import GPT2Config
 from ._common import DTYPES, resolve_dtype
 
@@ -43,18 +43,25 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_dtype: str = "f
                        help=f"params and computation dtype (default {default_dtype})")
     add_random_weights_argument(group)
     group.add_argument("--seed", type=int, default=0, help="PRNG seed of --random-weights (default 0)")
+    add_adapter_argument(group)
 
 
 def load_model(args: argparse.Namespace, abstract: bool = False) -> LoadedModel:
     """The model the arguments of :func:`add_model_arguments` name (``abstract``: with random weights, shapes
     only)."""
     dtype = resolve_dtype(args.dtype)
+    adapter = getattr(args, "adapter", None)
     if args.random_weights:
-        model = random_pretrained(args.model, args.seed, dtype, abstract)
+        model = load_or_random(args.model, True, seed=args.seed, dtype=dtype, abstract=abstract, adapter=adapter)
         if not abstract:  # shapes only (info) are true of any weights; anything computed from random ones is noise
             print(f"note: {model.notes[0]}", file=sys.stderr)
+        if adapter is not None:
+            print(f"note: {model.notes[-1]}", file=sys.stderr)
         return LoadedModel(model.config, model.params, model.tokenizer, model.source, dtype, True)
     from ..checkpoints.pretrained import from_pretrained
 
-    loaded = from_pretrained(args.model, revision=args.revision, dtype=dtype, local_files_only=args.local_files_only)
+    loaded = from_pretrained(args.model, revision=args.revision, dtype=dtype, local_files_only=args.local_files_only,
+                             adapter=adapter)
+    if adapter is not None:
+        print(f"note: {loaded.notes[-1]}", file=sys.stderr)
     return LoadedModel(loaded.config, loaded.params, loaded.tokenizer, str(loaded.source), dtype, False)

@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="evaluate random weights with the architecture --model names (a preset such as gpt2, or a "
                         "config.json): offline, a baseline (the loss of an untrained model is about ln(vocab))")
+    from ..checkpoints.random_weights import add_adapter_argument
+
+    add_adapter_argument(p)
     p.add_argument("--data", nargs="+", required=True, help=".txt / .jsonl / token .bin files")
     p.add_argument("--text-field", default="text", help="JSONL field with the text (default: text)")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's n_positions)")
@@ -49,11 +52,13 @@ def run(args: argparse.Namespace) -> int:
 
     check_eval_settings(args.seq_len, args.stride, args.batch_size, args.max_windows)  # before loading anything
     try:
-        loaded = load_or_random(args.model, getattr(args, "random_weights", False))
+        loaded = load_or_random(args.model, getattr(args, "random_weights", False), adapter=args.adapter)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {args.model!r}: {e}") from None
     if is_random(loaded):
         print(f"note: {loaded.notes[0]}", file=sys.stderr)
+    if args.adapter is not None:
+        print(f"note: {loaded.notes[-1]}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="gpt2-jax-eval-") as tmp:
         tokens = np.array(load_or_tokenize(args.data, tmp, loaded.tokenizer, args.text_field, args.progress))
     _check_vocab(tokens, loaded.config, "evaluation")
