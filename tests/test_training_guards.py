@@ -330,3 +330,45 @@ def test_notes_name_ignored_weight_files(tmp_path):
     (final / "pytorch_model.bin").write_bytes(b"not read")
     notes = from_pretrained(final).notes
     assert any("loaded model.safetensors and ignored pytorch_model.bin" in n for n in notes), notes
+
+
+def test_failed_checkpoint_write_prints_one_line_not_tracebacks(tmp_path):
+    """A checkpoint write that the file system refuses. A full disk (ENOSPC) needs a small file system that only
+    root can mount; RLIMIT_FSIZE makes every write past 1.2 MB fail with EFBIG ("File too large") instead, which
+    takes the same path through orbax and tensorstore (errors logged from several threads, then dozens of
+    "Event loop is closed" tracebacks printed by tensorstore's callbacks). The run must end with status 2 and one
+    line naming the step, the reason and what is left; GPT2_JAX_DEBUG=1 shows the full traceback."""
+    resource = pytest.importorskip("resource")
+    limit = 1_200_000  # above the tokenizer's vocab.json (1.04 MB), below the optimizer state (2.8 MB)
+    data = byte_tokens(tmp_path / "bytes.bin", 2000)
+    args = [sys.executable, "-m", "gpt2_jax.cli", "train", "--config-preset", "tiny", "--config", "vocab_size=256",
+            "--config", "n_embd=128", "--config", "n_layer=1", "--config", "n_head=2", "--config", "n_positions=32",
+            "--seq-len", "16", "--batch-size", "2", "--no-progress", "--no-plot", "--steps", "2", "--save-every", "2",
+            "--data", str(data), "--out", str(tmp_path / "run")]
+
+    def limit_file_size():  # Python ignores SIGXFSZ, so an oversized write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("GPT2_JAX_DEBUG", None)
+    proc = subprocess.run(args, cwd=REPO, env=env, preexec_fn=limit_file_size, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("gpt2-jax train: error: could not write the checkpoint of step 2 to ")
+    assert "File too large (errno 27); there is no complete checkpoint yet; set GPT2_JAX_DEBUG=1" in errors[0]
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_os_reason_of_a_tensorstore_error():
+    from gpt2_jax.training.checkpointing import _EVENT_LOOP_CLOSED, _os_reason
+
+    error = ValueError('OUT_OF_RANGE: Error writing "x" in OCDBT database: Failed to write 121032 bytes to file 19: '
+                       "No space left on device [os_error_code='28']")
+    assert _os_reason(error) == f"{os.strerror(28)} (errno 28)"
+    assert _os_reason(OSError(28, "x")) == f"{os.strerror(28)} (errno 28)"
+    noise = ('Traceback (most recent call last):\n  File "base_events.py", line 806, in call_soon_threadsafe\n'
+             "    self._check_closed()\nRuntimeError: Event loop is closed\n")
+    assert _EVENT_LOOP_CLOSED.sub("", "before\n" + noise * 3 + "after\n") == "before\nafter\n"

@@ -12,7 +12,12 @@ target shardings (no host gathers the whole model).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +27,7 @@ import orbax.checkpoint as ocp
 from ..checkpoints.hf_directory import save_hf_directory
 from .step import TrainState
 
-__all__ = ["CheckpointManager", "abstract_state", "save_hf_directory"]
+__all__ = ["CheckpointManager", "CheckpointSaveError", "abstract_state", "save_hf_directory"]
 
 
 def abstract_state(state_shape, shardings=None):
@@ -53,6 +58,7 @@ class CheckpointManager:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._async = async_save
 
     def latest_step(self) -> int | None:
         """Step of the newest complete checkpoint, or None."""
@@ -71,8 +77,26 @@ class CheckpointManager:
             state=ocp.args.StandardSave(state.to_dict()),
             meta=ocp.args.JsonSave({"step": step, **(meta or {})}),
         )
-        self._manager.save(step, args=args, force=True)
+        with _quiet_orbax():
+            try:
+                self._manager.save(step, args=args, force=True)
+                if not self._async:
+                    self._manager.wait_until_finished()
+            except Exception as e:
+                raise self._save_error(step, e) from (e if debug_enabled() else None)
         return True
+
+    def _save_error(self, step: int, error: BaseException) -> "CheckpointSaveError":
+        """One line: which checkpoint failed, the OS reason, and what is still there."""
+        try:
+            latest = self._manager.latest_step()
+        except Exception:  # the manager itself may be unusable now
+            latest = None
+        kept = (f"the newest complete checkpoint is step {latest} (continue with --resume once there is room)"
+                if latest is not None else "there is no complete checkpoint yet")
+        hint = "" if debug_enabled() else f"; set {DEBUG_ENV}=1 for the full traceback"
+        return CheckpointSaveError(f"could not write the checkpoint of step {step} to {self.directory}: "
+                                   f"{_os_reason(error)}; {kept}{hint}")
 
     def restore(self, target, step: int | None = None) -> tuple[TrainState, dict]:
         """``(state, meta)`` of checkpoint ``step`` (default: the latest).
@@ -94,19 +118,113 @@ class CheckpointManager:
         return TrainState.from_dict(restored.state), dict(restored.meta)
 
     def wait(self) -> None:
-        """Block until an asynchronous save is complete."""
-        self._manager.wait_until_finished()
+        """Block until an asynchronous save is complete (:class:`CheckpointSaveError` if it failed)."""
+        with _quiet_orbax():
+            try:
+                self._manager.wait_until_finished()
+            except Exception as e:
+                raise self._save_error(self._manager.latest_step() or 0, e) from (e if debug_enabled() else None)
 
     def close(self) -> None:
         """Finish pending writes and release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            with _quiet_orbax(), contextlib.suppress(Exception if not debug_enabled() else ()):
+                self._manager.close()
 
     def __enter__(self) -> "CheckpointManager":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, file too large, permissions); the message is one line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "checkpoint not written"
+
+
+#: Set to 1 for orbax's own logs and tracebacks on a failed save (otherwise one line says what failed).
+DEBUG_ENV = "GPT2_JAX_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """Whether ``GPT2_JAX_DEBUG`` asks for full tracebacks."""
+    return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0", "false", "no")
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating-system reason of a failed write: ``No space left on device`` from tensorstore's
+    ``[os_error_code='28']`` or an OSError's errno, else the error's first line."""
+    text = str(error)
+    match = re.search(r"os_error_code='?(\d+)", text)
+    if match:
+        return f"{os.strerror(int(match.group(1)))} (errno {match.group(1)})"
+    if isinstance(error, OSError) and error.errno:
+        return f"{os.strerror(error.errno)} (errno {error.errno})"
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first[:300]
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Drop orbax's error logs of a failed write: the caller re-raises the error as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not ("orbax" in (record.pathname or "") and record.levelno >= logging.WARNING)
+
+
+# A traceback tensorstore's C++ completion callbacks print (straight to the stderr file descriptor, not through
+# sys.excepthook) when they call ``loop.call_soon_threadsafe`` on orbax's event loop after a failed write closed it.
+_EVENT_LOOP_CLOSED = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*"
+                                r"RuntimeError: Event loop is closed\n")
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """While saving (unless ``GPT2_JAX_DEBUG`` is set): orbax's ERROR records are dropped (a failed write logs the
+    same exception from several threads; the caller re-raises it as one line), and so are the dozens of
+    ``RuntimeError: Event loop is closed`` tracebacks a failed write makes tensorstore print. Everything else
+    written to stderr meanwhile (file descriptor 2, C++ included) is passed on when the save returns."""
+    if debug_enabled():
+        yield
+        return
+    quiet = _DropOrbaxErrors()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        with _filtered_stderr_fd(_EVENT_LOOP_CLOSED):
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+@contextlib.contextmanager
+def _filtered_stderr_fd(pattern: re.Pattern):
+    """Collect what is written to file descriptor 2 meanwhile, drop the matches of ``pattern``, pass on the rest."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = pattern.sub("", capture.read().decode("utf-8", errors="replace"))
+            if text:
+                os.write(2, text.encode("utf-8"))
 
 
 def _is_abstract(tree) -> bool:
