@@ -54,7 +54,24 @@ jax.block_until_ready(loaded.params)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 nbytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(loaded.params))
-print(json.dumps({"baseline": baseline, "peak": peak, "vmhwm": hwm(), "seconds": seconds, "params_bytes": nbytes}))
+result = {"baseline": baseline, "peak": peak, "vmhwm": hwm(), "seconds": seconds, "params_bytes": nbytes}
+if int(sys.argv[4]) > 0:                             # then generate: prepare the decode weights, greedy tokens
+    from gpt2_jax.generation import GenerationConfig, generate
+    from gpt2_jax.generation.weight_layout import decode_weights
+    start = time.perf_counter()
+    prepared = decode_weights(loaded.params)
+    jax.block_until_ready(prepared)
+    result["prepared_extra_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(prepared)
+                                         if not any(x is y for y in jax.tree_util.tree_leaves(loaded.params)))
+    result["peak_prepared"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = generate(loaded.params, jnp.asarray([[464, 3290, 318]], jnp.int32),
+                   config=GenerationConfig(max_new_tokens=int(sys.argv[4]), do_sample=False),
+                   model_config=loaded.config)
+    jax.block_until_ready(out.sequences)
+    result["generate_seconds"] = time.perf_counter() - start
+    result["peak_generate"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["vmhwm"] = hwm()
+print(json.dumps(result))
 """
 
 
@@ -90,6 +107,11 @@ def main() -> int:
     parser.add_argument("--no-release", action="store_true",
                         help="do not release the mapped file pages after copying (to see what that saves)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoint")
+    parser.add_argument("--generate", type=int, default=0, metavar="N",
+                        help="then generate N greedy tokens (batch 1) in the same process and report the peak RSS "
+                             "after preparing the decode weights and after generating (0: load only). Compare "
+                             "GPT2_JAX_TUNING=transposed_kernels=0 (no [out, in] kernel copy)")
+    parser.add_argument("--ckpt", default=None, help="an existing checkpoint directory to load instead of writing one")
     parser.add_argument("--write", default=None, help=argparse.SUPPRESS)  # internal: the writer child
     args = parser.parse_args()
 
@@ -108,17 +130,20 @@ def main() -> int:
         print("not enough free disk; pass --dir on a larger filesystem", file=sys.stderr)
         return 1
     work = Path(tempfile.mkdtemp(prefix="gpt2-jax-mem-", dir=parent))
+    ckpt = Path(args.ckpt) if args.ckpt else work / "ckpt"
     try:
         start = time.perf_counter()
-        writer = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--write", str(work / "ckpt")],
-                                capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-        if writer.returncode:
-            print(writer.stderr, file=sys.stderr)
-            return writer.returncode
-        size = int(writer.stdout.strip().splitlines()[-1])
-        print(f"wrote {size / 1e9:.3f} GB in {time.perf_counter() - start:.1f} s")
+        if not args.ckpt:
+            writer = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--write", str(ckpt)],
+                                    capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+            if writer.returncode:
+                print(writer.stderr, file=sys.stderr)
+                return writer.returncode
+            size = int(writer.stdout.strip().splitlines()[-1])
+            print(f"wrote {size / 1e9:.3f} GB in {time.perf_counter() - start:.1f} s")
+        size = (ckpt / "model.safetensors").stat().st_size
         mode = "no-release" if args.no_release else "release"
-        done = subprocess.run([sys.executable, "-c", CHILD, str(work / "ckpt"), mode, args.dtype],
+        done = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), mode, args.dtype, str(args.generate)],
                               capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         if done.returncode:
             print(done.stderr, file=sys.stderr)
@@ -130,6 +155,12 @@ def main() -> int:
               f"baseline before loading (python + jax) {baseline / 1e9:.3f} GB; "
               f"peak above baseline {(peak - baseline) / size:.3f}x the file; params {result['params_bytes'] / 1e9:.3f} GB; "
               f"VmHWM {hwm / 1e9:.3f} GB = {hwm / size:.3f}x")
+        if args.generate:
+            tuning = os.environ.get("GPT2_JAX_TUNING", "default")
+            print(f"then {args.generate} greedy tokens (GPT2_JAX_TUNING={tuning}), {result['generate_seconds']:.1f} s "
+                  f"with compiling: decode weights add {result['prepared_extra_bytes'] / 1e9:.3f} GB; peak RSS after "
+                  f"preparing {result['peak_prepared'] / 1e9:.3f} GB = {result['peak_prepared'] / size:.3f}x, after "
+                  f"generating {result['peak_generate'] / 1e9:.3f} GB = {result['peak_generate'] / size:.3f}x the file")
         return 0
     finally:
         if not args.keep:
