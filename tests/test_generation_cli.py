@@ -90,6 +90,10 @@ def test_cli_sampling_beams_and_sequences(checkpoint, capsys):
         (["--num-beams", "2", "--num-return-sequences", "3"], "must be <= num_beams"),
         (["--top-k", "-1"], "top_k must be an integer >= 0"),
         (["--max-new-tokens", "200"], r"beyond the model's n_positions \(96\)"),
+        (["--min-p", "1.5"], r"min_p must be a number in \[0, 1\]"),
+        (["--prompt-lookup", "0"], "prompt_lookup_num_tokens must be an integer >= 1"),
+        (["--assistant-model", "x", "--num-assistant-tokens", "0"], "num_assistant_tokens must be an integer >= 1"),
+        (["--prompt-lookup", "2", "--num-beams", "2"], "do not combine"),
     ],
 )
 def test_cli_bad_options_exit_2_with_one_line(checkpoint, capsys, extra, message):
@@ -121,3 +125,24 @@ def test_cli_persistent_cache_serves_a_second_process(checkpoint, tmp_path):
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout == first.stdout
     assert {p.name for p in cache.iterdir()} == entries  # nothing new compiled
+
+
+def test_cli_samplers_stop_and_scores(checkpoint, capsys, tmp_path):
+    import numpy as np
+
+    scores = tmp_path / "scores.npy"
+    args = ["generate", "The", "--model", str(checkpoint), "--max-new-tokens", "6", "--seed", "2"]
+    assert main(args + ["--min-p", "0.05", "--typical-p", "0.95", "--stop", "zzz", "--scores", str(scores)]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    saved = np.load(scores)
+    assert saved.shape[0] == 1 and saved.shape[2] == CFG.vocab_size and 1 <= saved.shape[1] <= 6
+
+
+def test_cli_prompt_lookup_and_assistant_give_the_greedy_text(checkpoint, capsys):
+    args = ["generate", "one two one two one two", "--model", str(checkpoint), "--max-new-tokens", "8", "--greedy"]
+    assert main(args) == 0
+    greedy = capsys.readouterr().out
+    assert main(args + ["--prompt-lookup", "3"]) == 0
+    assert capsys.readouterr().out == greedy
+    assert main(args + ["--assistant-model", str(checkpoint), "--num-assistant-tokens", "3"]) == 0
+    assert capsys.readouterr().out == greedy
