@@ -85,13 +85,14 @@ class LayerNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        centered = x32 - mean
         inv = jax.lax.rsqrt(var + self.epsilon)
         if hook_wanted(self.hooks, "hook_scale"):
             std = jnp.sqrt(var + self.epsilon)  # [..., 1]
             hooked = self.hooks("hook_scale", std)
             if hooked is not std:  # replaced or perturbed: normalise by the hooked scale
                 inv = 1.0 / hooked
-        y = hook_point(self.hooks, "hook_normalized", (x32 - mean) * inv)
+        y = hook_point(self.hooks, "hook_normalized", centered * inv)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 

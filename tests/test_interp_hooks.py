@@ -197,3 +197,13 @@ def test_bad_input_is_named(params, ids):
         run_with_hooks(scan_params, scan_config, ids, [("hook_embed", lambda a, ctx: a)])
     with pytest.raises(ValueError, match="over must be one of"):
         activation_patching(params, TINY, ids, ids, lambda lg: lg.sum(), over="pos")
+
+
+def test_hook_points_add_nothing_to_the_program_when_unused(params, ids):
+    """The plain path's program is unchanged by the hook points: with no hook (hooks=None) and with a runner that
+    wants nothing, the traced programs are identical."""
+    from gpt2_jax.interp import HookRunner
+
+    trace = lambda hooks: str(jax.make_jaxpr(
+        lambda p, x: GPT2LMHeadModel(TINY, hooks=hooks).apply({"params": p}, x).logits)(params, ids))
+    assert trace(None) == trace(HookRunner())
