@@ -7,6 +7,7 @@ the clean run and 0 the corrupted one. With random weights (the default, offline
 ``--model gpt2`` (or a checkpoint directory) for the released weights.
 
     python scripts/patching_example.py --out patching.png
+    python scripts/patching_example.py --n-layer 2 --out patching.png     # a quick smoke run
     python scripts/patching_example.py --model gpt2 --out patching.png
 """
 
@@ -29,6 +30,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="hub id or checkpoint directory (default: random gpt2 weights)")
     parser.add_argument("--preset", default="gpt2", help="architecture of the random weights")
+    parser.add_argument("--n-layer", type=int, default=None, help="random weights: override the preset's depth")
     parser.add_argument("--out", default="patching.png")
     args = parser.parse_args(argv)
 
@@ -40,6 +42,8 @@ def main(argv=None) -> None:
         config, params = loaded.config, loaded.params
     else:
         config = GPT2Config.from_preset(args.preset)
+        if args.n_layer:
+            config = config.replace(n_layer=args.n_layer)
         params = init_params(jax.random.PRNGKey(0), config)
         print("RANDOM WEIGHTS: the heatmap is noise (pass --model gpt2 for the released weights)")
     clean, corrupted = (jnp.asarray([tokenizer.encode(t)]) for t in (CLEAN, CORRUPTED))
