@@ -211,7 +211,11 @@ def main(readme: str, workdir: str, tiny_dir: str, result_path: str) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     results = []
     namespace: dict = {}
+    # README_TEST_ONLY=FILE (a JSON list of block sources): run only those blocks (to re-check edited sections)
+    only = json.loads(Path(os.environ["README_TEST_ONLY"]).read_text()) if os.environ.get("README_TEST_ONLY") else None
     for block in parse_blocks(Path(readme).read_text(encoding="utf-8")):
+        if only is not None and block["code"] not in only:
+            continue
         record = {"index": block["index"], "line": block["line"], "lang": block["lang"], "status": "ok", "log": []}
         start = time.perf_counter()
         try:
