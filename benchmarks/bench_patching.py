@@ -8,6 +8,7 @@ with no hook vs the plain one. Compile times are reported separately; figures ar
 shared, so read the within-run ratios (the load average is printed).
 
     python benchmarks/bench_patching.py --runs 3
+    python benchmarks/bench_patching.py --n-layer 2 --runs 3    # gpt2 width, 2 layers: 32 patches, minutes
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="gpt2")
     parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--n-layer", type=int, default=None, help="override the preset's depth (a quicker run)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tl-runs", type=int, default=1, help="timed TransformerLens sweeps (each is 192 runs)")
     parser.add_argument("--batch-size", type=int, default=None, help="lax.map chunk (default: one vmap)")
@@ -50,6 +52,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"load average before: {os.getloadavg()}")
     config = GPT2Config.from_preset(args.preset)
+    if args.n_layer:
+        config = config.replace(n_layer=args.n_layer)
     params = init_params(jax.random.PRNGKey(0), config)
     rng = np.random.default_rng(0)
     clean = rng.integers(0, config.vocab_size - 2, (1, args.seq)).astype(np.int32)
