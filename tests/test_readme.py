@@ -19,7 +19,7 @@ from readme_runner import parse_blocks
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 BLOCKS = parse_blocks(README.read_text(encoding="utf-8"))
-TIMEOUT_S = 2400  # the whole README: minutes on a quiet 2-core machine, far longer on a loaded one
+TIMEOUT_S = 3600  # the whole README: minutes on a quiet 2-core machine; ~35 min measured at load average 17
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +38,15 @@ def results(tmp_path_factory):
     out = work / "results.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT),
                                                         os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_runner.py"), str(README), str(work), str(tiny),
-                           str(out)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    try:
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "readme_runner.py"), str(README), str(work),
+                               str(tiny), str(out)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+        stderr = proc.stderr
+    except subprocess.TimeoutExpired as e:  # the blocks done so far are reported; the rest fail as not reached
+        tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        stderr = f"timed out after {TIMEOUT_S} s\n{tail}"
     records = json.loads(out.read_text()) if out.exists() else []
-    return {r["index"]: r for r in records}, proc
+    return {r["index"]: r for r in records}, stderr
 
 
 def test_readme_has_blocks():
@@ -50,9 +55,9 @@ def test_readme_has_blocks():
 
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"line{b['line']}-{b['lang']}")
 def test_readme_block_runs(block, results):
-    records, proc = results
+    records, stderr = results
     record = records.get(block["index"])
-    assert record is not None, f"the runner never reached this block:\n{proc.stderr[-4000:]}"
+    assert record is not None, f"the runner never reached this block:\n{stderr[-4000:]}"
     if record["status"] == "skipped":
         pytest.skip(record["reason"])
     assert record["status"] == "ok", f"README.md line {block['line']}:\n{record.get('error')}\n{record['log']}"
