@@ -229,8 +229,10 @@ def test_stop_strings_match_hf_across_token_boundaries():
     stops = [text0[max(len(pieces[toks[0][2]]) - 1, 0):].decode("latin-1"),
              text2[-max(len(pieces[toks[2][5]]), 1) - 1:].decode("latin-1")]
     stops = [s for s in stops if s]
-    out = ours(ids, mask, max_new_tokens=10, eos_token_id=(), stop_strings=stops, tokenizer=hf_tok)
-    ref = hf_generate(ids, mask, max_new_tokens=10, eos_token_id=None, stop_strings=stops, tokenizer=hf_tok)
+    # An eos id is set: without one, Hugging Face keeps writing real tokens after a row has stopped (it only pads
+    # finished rows when an eos criterion exists); with one, stopped rows are padded, as ours always are.
+    out = ours(ids, mask, max_new_tokens=10, eos_token_id=EOS, stop_strings=stops, tokenizer=hf_tok)
+    ref = hf_generate(ids, mask, max_new_tokens=10, eos_token_id=EOS, stop_strings=stops, tokenizer=hf_tok)
     np.testing.assert_array_equal(out.sequences, ref.sequences.numpy())
     assert out.num_new_tokens.min() < 10  # some row really stopped
 
