@@ -95,6 +95,17 @@ def register(subparsers) -> None:
     g.add_argument("--seed", type=int, help="seed of init, data order and dropout (default 0)")
     g.add_argument("--max-consecutive-skips", type=int,
                    help="stop after this many consecutive non-finite steps (default 10)")
+    g = p.add_argument_group("LoRA (parameter-efficient fine-tuning)")
+    g.add_argument("--lora-rank", type=int, metavar="R",
+                   help="train LoRA adapters of rank R on a frozen base instead of every weight; final/ is then a "
+                        "PEFT adapter directory (default 0: full fine-tuning)")
+    g.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA scale alpha / R (default 8, PEFT's)")
+    g.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", metavar="REGEX",
+                   help="layers to adapt, a regex searched in h.<i>.attn.c_attn, h.<i>.attn.c_proj, h.<i>.mlp.c_fc, "
+                        "h.<i>.mlp.c_proj (default c_attn|c_proj|c_fc: all of them)")
+    g.add_argument("--merge-lora", action="store_true",
+                   help="also write final-merged/: base + adapters as a Hugging Face directory")
     g = p.add_argument_group("devices")
     g.add_argument("--mesh-data", type=int, help="data-axis size (default: devices / --mesh-model)")
     g.add_argument("--mesh-model", type=int, help="model-axis size: FSDP shards or tensor-parallel degree (default 1)")

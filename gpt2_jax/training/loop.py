@@ -8,7 +8,9 @@ Output directory layout (``out/``)::
     checkpoints/<N>/  resumable state after N steps (orbax; the newest ``keep`` are kept)
     tokenizer/        the tokenizer files
     data/             the tokenised training / evaluation data (cached while the sources are unchanged)
-    final/            the trained weights as a Hugging Face directory (config.json + model.safetensors)
+    final/            the trained weights as a Hugging Face directory (config.json + model.safetensors); with
+                      LoRA (--lora-rank) the adapters as a PEFT adapter directory (adapter_config.json +
+                      adapter_model.safetensors), and with --merge-lora also final-merged/ (base + adapters, HF)
     loss.png          the loss curve
 
 Resuming: after a crash or ``kill -9`` the run restarts from the newest complete checkpoint; batch ``N`` and the
@@ -37,10 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..atomic import atomic_write_path
+from ..checkpoints.adapters import save_adapter
 from ..config import GPT2Config
 from ..locking import DirectoryLock, LOCK_NAME, describe_takeover
 from .. import precision
 from ..layers import REMAT_POLICIES
+from ..lora import DEFAULT_TARGETS, LoraConfig, init_lora, lora_targets, merge_lora
 from ..model import init_params
 from ..stacking import params_for
 from .checkpointing import CheckpointManager, abstract_state, save_hf_directory
@@ -54,7 +58,7 @@ from .validation import check_int, flag
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
-RUN_ARTIFACTS = (RUN_FILE, METRICS_FILE, "checkpoints", "tokenizer", "data", "final", "loss.png")
+RUN_ARTIFACTS = (RUN_FILE, METRICS_FILE, "checkpoints", "tokenizer", "data", "final", "final-merged", "loss.png")
 
 #: Small architectures for training from scratch (``--config-preset``), besides the released GPT-2 sizes.
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
@@ -66,7 +70,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
 # mesh only changes the order of floating-point reductions (the checkpoint is resharded on restore).
 RESUMABLE_CHANGES = ("steps", "save_every", "keep", "eval_data", "eval_every", "eval_windows", "log_every",
                      "progress", "plot", "max_consecutive_skips", "async_checkpointing", "save_final", "mesh_data",
-                     "mesh_model", "strategy", "resume", "overwrite")
+                     "mesh_model", "strategy", "resume", "overwrite", "merge_lora")
 
 
 class TrainingError(RuntimeError):
@@ -101,6 +105,11 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
     remat: str = "none"  # block rematerialisation: none / full / dots_saveable / minimal (layers.REMAT_POLICIES)
     scan_layers: bool = False  # blocks under nn.scan (params stacked; checkpoints exported per layer)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank only (the base frozen); 0: full fine-tuning
+    lora_alpha: float = 8.0  # LoRA scale alpha / rank (PEFT's lora_alpha)
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: str = DEFAULT_TARGETS  # regex over layer names h.<i>.attn.c_attn, h.<i>.mlp.c_fc, ...
+    merge_lora: bool = False  # also export final-merged/: base + adapters as a Hugging Face directory
     dropout: bool = True
     seed: int = 0
     shuffle: str = "random"  # random windows, or "epoch": each window once per epoch
@@ -146,6 +155,11 @@ class TrainConfig:
         check_int("log_every", self.log_every, "steps between metrics lines", low=1)
         check_int("max_consecutive_skips", self.max_consecutive_skips, "non-finite steps in a row before stopping",
                   low=1)
+        check_int("lora_rank", self.lora_rank, "LoRA rank; 0: full fine-tuning", low=0)
+        if self.lora_rank:
+            self.lora_config()  # alpha, dropout, targets checked with their meaning
+        elif self.merge_lora:
+            raise ValueError("--merge-lora needs --lora-rank (a LoRA run)")
         for name, allowed in (("dtype", ("float32", "bfloat16")), ("remat", tuple(REMAT_POLICIES)),
                               ("shuffle", ("random", "epoch")), ("strategy", ("fsdp", "tp"))):
             if getattr(self, name) not in allowed:
@@ -156,6 +170,16 @@ class TrainConfig:
         from ..reprs import short_dataclass_repr
 
         return short_dataclass_repr(self)
+
+    def lora_config(self) -> LoraConfig | None:
+        """The run's :class:`~gpt2_jax.lora.LoraConfig`, or None for full fine-tuning (``lora_rank`` 0)."""
+        if not self.lora_rank:
+            return None
+        try:
+            return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, dropout=self.lora_dropout,
+                              targets=self.lora_targets)
+        except ValueError as e:
+            raise ValueError(f"--lora-*: {e}") from None
 
     def optimizer_config(self) -> OptimizerConfig:
         """The :class:`OptimizerConfig` these settings describe."""
@@ -430,20 +454,28 @@ class _Compiled:
 
 @functools.lru_cache(maxsize=4)
 def _compiled_functions(config: GPT2Config, opt: OptimizerConfig, mesh, strategy: str, accum_steps: int, dtype: str,
-                        dropout: bool, remat: str = "none") -> _Compiled:
+                        dropout: bool, remat: str = "none", lora: LoraConfig | None = None) -> _Compiled:
     """Optimizer, shardings and jitted functions for these settings, cached so that repeated ``train`` calls in one
-    process (sweeps, notebooks, tests) reuse the compiled programs."""
+    process (sweeps, notebooks, tests) reuse the compiled programs. ``create_state(params, key)`` draws the
+    LoRA adapters from ``key`` (unused without ``lora``)."""
     optimizer, schedule = make_optimizer(opt)
-    state_shape = jax.eval_shape(lambda: TrainState.create(init_params(jax.random.PRNGKey(0), config), optimizer))
-    shardings = state_shardings(state_shape, optimizer, mesh, strategy)
+
+    def create(params, key):
+        if lora is None:
+            return TrainState.create(params, optimizer)
+        return TrainState.create_lora(params, init_lora(key, params, lora), optimizer)
+
+    state_shape = jax.eval_shape(lambda: create(init_params(jax.random.PRNGKey(0), config), jax.random.PRNGKey(0)))
+    shardings = state_shardings(state_shape, optimizer, mesh, strategy, lora=lora is not None)
     b_sharding = batch_sharding(mesh, strategy)
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     return _Compiled(
         optimizer=optimizer, schedule=schedule, state_shape=state_shape, shardings=shardings,
         batch_sharding=b_sharding,
-        create_state=jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings),
+        create_state=jax.jit(create, out_shardings=shardings),
         train_step=make_train_step(config, optimizer, schedule, accum_steps=accum_steps, compute_dtype=compute,
-                                   dropout=dropout, state_sharding=shardings, batch_sharding=b_sharding, remat=remat),
+                                   dropout=dropout, state_sharding=shardings, batch_sharding=b_sharding, remat=remat,
+                                   lora=lora),
         nll_fn=make_nll_fn(config, compute),
     )
 
@@ -493,6 +525,22 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
         raise
     finally:
         lock.release()
+
+
+def _export_lora(out: Path, state: TrainState, config: GPT2Config, lora: LoraConfig, cfg: TrainConfig, tokenizer,
+                 is_main: bool) -> None:
+    """``final/`` as a PEFT adapter directory (``base_model_name_or_path``: the ``--model`` given) and, with
+    ``--merge-lora``, ``final-merged/``: base + adapters as a Hugging Face directory."""
+    adapters = _gather(state.params["lora"])
+    base_name = cfg.model or cfg.config_preset or "random"
+    if is_main:
+        save_adapter(out / "final", adapters, lora, base_model=str(base_name))
+        _log(f"final adapter: {out / 'final'} (PEFT LoRA format, base {base_name})")
+    if cfg.merge_lora:
+        merged = merge_lora(_gather(state.params["params"]), adapters, lora)
+        if is_main:
+            save_hf_directory(out / "final-merged", merged, config, tokenizer=tokenizer)
+            _log(f"merged weights: {out / 'final-merged'} (Hugging Face format)")
 
 
 def _remove_failed_start(out: Path, existed: bool, before: set[str]) -> None:
@@ -574,8 +622,11 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
         _write_json(out / RUN_FILE, {"train": dataclasses.asdict(cfg), "model_config": config.to_hf_dict()})
 
     # State: sharded over the mesh, from the newest checkpoint or fresh.
+    lora = cfg.lora_config()
+    if lora is not None:
+        lora_targets(jax.eval_shape(lambda: init_params(jax.random.PRNGKey(0), config)), lora.targets)  # named
     compiled = _compiled_functions(config, cfg.optimizer_config(), mesh, cfg.strategy, cfg.accum_steps, cfg.dtype,
-                                   cfg.dropout, cfg.remat)
+                                   cfg.dropout, cfg.remat, lora)
     optimizer, schedule, shardings, b_sharding = (compiled.optimizer, compiled.schedule, compiled.shardings,
                                                   compiled.batch_sharding)
     state_shape = compiled.state_shape
@@ -592,7 +643,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
                 params = resolve_model_config(cfg)[1]
         if params is None:
             params = init_params(init_key, config)
-        state = compiled.create_state(params)
+        state = compiled.create_state(params, jax.random.fold_in(init_key, 1))
         del params
     start = int(jax.device_get(state.step))
     if is_main:
@@ -606,8 +657,14 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
                                                     "epoch": loader.epoch_of(step)},
                 "dropout_key": np.asarray(dropout_key).tolist(), "tokens_seen": step * cfg.batch_size * seq_len}
 
+    def model_params(state: TrainState):
+        """The weights the model computes with: the base with the adapters merged in for a LoRA run."""
+        if lora is None:
+            return state.params
+        return merge_lora(state.params["params"], state.params["lora"], lora)
+
     def run_eval(step: int) -> dict:
-        result = evaluate(state.params, config, eval_tokens, seq_len=seq_len, batch_size=cfg.batch_size,
+        result = evaluate(model_params(state), config, eval_tokens, seq_len=seq_len, batch_size=cfg.batch_size,
                           max_windows=cfg.eval_windows, progress=False, nll_fn=nll_fn)
         record = {"step": step, "eval_loss": result.loss, "eval_perplexity": result.perplexity,
                   "eval_tokens": result.n_tokens}
@@ -686,7 +743,8 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
                 with phase:
                     state, metrics = train_step(state, batch, jax.random.fold_in(dropout_key, step))
                     run_state["started"] = True
-                    metrics = {**metrics, "params_finite": _all_finite(state.params)}  # checked in finish_step
+                    trained = state.params["lora"] if lora is not None else state.params
+                    metrics = {**metrics, "params_finite": _all_finite(trained)}  # checked in finish_step
                     batch = read_batch(step + 1) if step + 1 < cfg.steps else None
                     finish_step(step + 1, metrics)  # waits for this step
                 if step == start and show_bar:
@@ -713,7 +771,9 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
             metrics_file.close()
 
     final_step = int(jax.device_get(state.step))
-    if not interrupted and cfg.save_final:
+    if not interrupted and cfg.save_final and lora is not None:
+        _export_lora(out, state, config, lora, cfg, tokenizer, is_main)
+    elif not interrupted and cfg.save_final:
         host_params = _gather(state.params)
         if is_main:
             save_hf_directory(out / "final", host_params, config, tokenizer=tokenizer)

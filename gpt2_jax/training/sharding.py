@@ -142,12 +142,20 @@ def check_batch_size(batch_size: int, mesh: Mesh, strategy: str = "fsdp", accum_
         raise ValueError(f"{what} is not divisible by the {shards} batch shards of the mesh ({axes})")
 
 
-def state_shardings(state_shape, optimizer, mesh: Mesh, strategy: str = "fsdp"):
+def state_shardings(state_shape, optimizer, mesh: Mesh, strategy: str = "fsdp", lora: bool = False):
     """Shardings for a :class:`~gpt2_jax.training.step.TrainState` (shape-only is fine, e.g. ``jax.eval_shape``):
-    params per :func:`param_specs`; optimizer moments like their params; counters replicated."""
+    params per :func:`param_specs`; optimizer moments like their params; counters replicated. ``lora``: the state
+    of a LoRA run (params ``{"params": base, "lora": adapters}``): the base sharded as params are, the small
+    adapters and their optimizer moments replicated."""
     replicated = NamedSharding(mesh, P())
-    p_shardings = param_shardings(state_shape.params, mesh, strategy)
-    opt = _mirror_params(optimizer, state_shape.opt_state, p_shardings, replicated)
+    if lora:
+        base = param_shardings(state_shape.params["params"], mesh, strategy)
+        adapters = jax.tree_util.tree_map(lambda _: replicated, state_shape.params["lora"])
+        p_shardings = {"params": base, "lora": adapters}
+        opt = _mirror_params(optimizer, state_shape.opt_state, adapters, replicated)
+    else:
+        p_shardings = param_shardings(state_shape.params, mesh, strategy)
+        opt = _mirror_params(optimizer, state_shape.opt_state, p_shardings, replicated)
     return state_shape.replace(step=replicated, params=p_shardings, opt_state=opt, skipped=replicated)
 
 
