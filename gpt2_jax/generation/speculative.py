@@ -273,6 +273,7 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec) -> 
         bonus = jnp.argmax(p_at, axis=-1).astype(jnp.int32)
     emitted = jnp.concatenate([drafts, jnp.zeros((rows, 1), jnp.int32)], axis=1)  # [rows, K + 1]
     emitted = emitted.at[jnp.arange(rows), n_acc].set(bonus)
+    was_done = state.done  # rows finished before this iteration count no drafts
     state = _commit(state, emitted, n_acc + 1, knobs, spec)
     # Target cache: keep [last, d_1 .. d_n] of each row; the rest of the K + 1 slots become holes.
     kept = n_acc + 1
@@ -292,8 +293,8 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec) -> 
     full = n_acc == k
     return state.replace(
         cache=cache, draft_cache=draft_cache, pending=drafts[:, k - 1], pending_ok=full, keys=next_keys,
-        accepted=state.accepted + jnp.where(state.done, 0, n_acc),
-        drafted=state.drafted + jnp.where(state.done, 0, jnp.sum(valid, axis=1, dtype=jnp.int32)),
+        accepted=state.accepted + jnp.where(was_done, 0, n_acc),
+        drafted=state.drafted + jnp.where(was_done, 0, jnp.sum(valid, axis=1, dtype=jnp.int32)),
     )
 
 
@@ -330,20 +331,19 @@ def _plain(params, state: SpecState, knobs: Knobs, spec: SpecSpec) -> SpecState:
     return state.replace(cache=cache, keys=pairs[:, 0])
 
 
-def _iterate(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec) -> SpecState:
-    if not spec.fallback:
-        state = _verify(params, dparams, state, knobs, spec)
-        return state.replace(iters=state.iters + 1)
+def _draft_iteration(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec) -> SpecState:
+    """One draft-and-verify iteration plus the fallback's bookkeeping (``use_draft`` turns off for good when the
+    measured tokens per iteration fall below the break-even ``spec.threshold``)."""
     before = jnp.sum(state.n)
     live = jnp.maximum(jnp.sum(~state.done), 1)
-    state = jax.lax.cond(state.use_draft, lambda s: _verify(params, dparams, s, knobs, spec),
-                         lambda s: _plain(params, s, knobs, spec), state)
+    state = _verify(params, dparams, state, knobs, spec)
+    if not spec.fallback:
+        return state.replace(iters=state.iters + 1)
     gained = (jnp.sum(state.n) - before).astype(jnp.float32) / live.astype(jnp.float32)  # tokens per live row
-    draft_iters = state.draft_iters + state.use_draft.astype(jnp.int32)
-    draft_tokens = state.draft_tokens + jnp.where(state.use_draft, gained, 0.0)
+    draft_iters = state.draft_iters + 1
+    draft_tokens = state.draft_tokens + gained
     pays = (draft_iters < WARMUP_ITERATIONS) | (draft_tokens >= spec.threshold * draft_iters)
-    return state.replace(iters=state.iters + 1, draft_iters=draft_iters, draft_tokens=draft_tokens,
-                         use_draft=state.use_draft & pays)
+    return state.replace(iters=state.iters + 1, draft_iters=draft_iters, draft_tokens=draft_tokens, use_draft=pays)
 
 
 def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec: SpecSpec) -> SpecState:
@@ -384,8 +384,12 @@ def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec:
 def _speculative_program(params, dparams, input_ids, attention_mask, keys, knobs, *, spec: SpecSpec):
     count_trace("speculative")
     state = _start(params, dparams, input_ids, attention_mask, keys, knobs, spec)
-    state = jax.lax.while_loop(
-        lambda s: ~jnp.all(s.done), lambda s: _iterate(params, dparams, s, knobs, spec), state)
+    # Drafting while it pays, then (after the fallback) plain decode steps: two loops, no cond in the hot path.
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & s.use_draft,
+                               lambda s: _draft_iteration(params, dparams, s, knobs, spec), state)
+    if spec.fallback:
+        state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
+                                   lambda s: _plain(params, s, knobs, spec).replace(iters=s.iters + 1), state)
     return state.tokens, state.n, state.accepted, state.drafted, state.iters
 
 
