@@ -216,6 +216,9 @@ def _filtered_stderr_fd(pattern: re.Pattern):
         os.dup2(capture.fileno(), 2)
         try:
             yield
+        except BaseException:
+            _wait_until_quiet(capture)  # a failed write's callbacks keep printing for a moment after the error
+            raise
         finally:
             with contextlib.suppress(Exception):
                 sys.stderr.flush()
@@ -225,6 +228,20 @@ def _filtered_stderr_fd(pattern: re.Pattern):
             text = pattern.sub("", capture.read().decode("utf-8", errors="replace"))
             if text:
                 os.write(2, text.encode("utf-8"))
+
+
+def _wait_until_quiet(capture, settle: float = 1.0, limit: float = 15.0) -> None:
+    """Wait until nothing more was written to ``capture`` for ``settle`` seconds (at most ``limit``)."""
+    import time
+
+    deadline, last_size, last_change = time.monotonic() + limit, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        size = os.fstat(capture.fileno()).st_size
+        if size != last_size:
+            last_size, last_change = size, time.monotonic()
+        elif time.monotonic() - last_change >= settle:
+            return
+        time.sleep(0.1)
 
 
 def _is_abstract(tree) -> bool:
