@@ -372,7 +372,7 @@ def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec:
         seen=processors.seen_mask(input_ids, real, cfg.vocab_size), accepted=jnp.zeros((rows,), jnp.int32),
         drafted=jnp.zeros((rows,), jnp.int32), iters=jnp.zeros((), jnp.int32),
         draft_iters=jnp.zeros((), jnp.int32), draft_tokens=jnp.zeros((), jnp.float32),
-        use_draft=jnp.ones((), bool),
+        use_draft=jnp.asarray(not spec.fallback or spec.threshold <= spec.k + 1),  # can drafting ever pay?
     )
     processed = apply_processors(knobs.processors, logits[:, 0], _view(state, knobs, spec, tokens, 0, state.seen))
     pairs = jax.vmap(jax.random.split)(state.keys)
