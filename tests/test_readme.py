@@ -21,7 +21,7 @@ README = ROOT / "README.md"
 BLOCKS = parse_blocks(README.read_text(encoding="utf-8"))
 TIMEOUT_S = 3600  # the whole README: minutes on a quiet 2-core machine; ~35 min measured at load average 17
 
-pytestmark = pytest.mark.slow
+# Part of the default run (CI): the README's promise that every block runs as written is only kept if CI checks it.
 
 
 @pytest.fixture(scope="module")
