@@ -243,11 +243,13 @@ def _cli(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
-def test_commands_take_an_adapter(tmp_path):
+def test_commands_take_an_adapter(tmp_path, monkeypatch):
     """--adapter DIR on generate, eval and the inspection commands merges the adapter: eval of base + adapter equals
     eval of the merged weights saved as a plain checkpoint, and differs from the base alone."""
     from gpt2_jax import save_hf_directory
     from inspect_helpers import TINY, peaked_params
+
+    monkeypatch.setenv("GPT2_JAX_COMPILATION_CACHE", "off")  # the in-process CLI must not reconfigure JAX
 
     base = peaked_params(TINY)
     save_hf_directory(tmp_path / "base", base, TINY)
@@ -279,12 +281,14 @@ def test_commands_take_an_adapter(tmp_path):
     assert code == 2 and "is not a directory" in err and "Traceback" not in err, err
 
 
-def test_gpt2_jax_train_with_lora(tmp_path, capsys):
+def test_gpt2_jax_train_with_lora(tmp_path, capsys, monkeypatch):
     """`gpt2-jax train --lora-rank` trains adapters on a frozen base: final/ is a PEFT adapter that peft loads onto
     the transformers base with our logits, final-merged/ equals base + B A alpha / r, the loss falls, the base in
     the state is bit-identical; a regex matching nothing and --merge-lora without a rank are refused."""
     from gpt2_jax import cli, from_pretrained, save_hf_directory
     from gpt2_jax.training import read_metrics
+
+    monkeypatch.setenv("GPT2_JAX_COMPILATION_CACHE", "off")  # the in-process CLI must not reconfigure JAX
 
     base = init_params(jax.random.PRNGKey(0), CONFIG)
     save_hf_directory(tmp_path / "base", base, CONFIG)
