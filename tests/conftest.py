@@ -12,3 +12,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 VECTORS = SHARED / "testdata" / "gpt2_vectors.json"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache(monkeypatch):
+    """No test may switch JAX's persistent compilation cache on for the rest of the process (an in-process
+    ``gpt2-jax generate`` would, into the user's ~/.cache; jaxlib has crashed reading and writing that shared cache
+    under pytest). Tests that want the cache run a subprocess with their own directory."""
+    monkeypatch.setenv("GPT2_JAX_COMPILATION_CACHE", "off")
+    yield
+    import jax
+
+    if jax.config.jax_compilation_cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", None)
