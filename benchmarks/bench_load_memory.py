@@ -59,12 +59,16 @@ if int(sys.argv[4]) > 0:                             # then generate: prepare th
     from gpt2_jax.generation import GenerationConfig, generate
     from gpt2_jax.generation.weight_layout import decode_weights
     start = time.perf_counter()
-    prepared = decode_weights(loaded.params)
+    originals = jax.tree_util.tree_leaves(loaded.params)
+    consume = sys.argv[5] == "consume"               # what the CLIs do: each copied original freed as it is copied
+    prepared = decode_weights(loaded.params, consume=consume)
     jax.block_until_ready(prepared)
-    result["prepared_extra_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(prepared)
-                                         if not any(x is y for y in jax.tree_util.tree_leaves(loaded.params)))
+    new = [x for x in jax.tree_util.tree_leaves(prepared) if not any(x is y for y in originals)]
+    freed = [y for y in originals if y.is_deleted()]
+    result["prepared_extra_bytes"] = sum(x.nbytes for x in new) - sum(y.nbytes for y in freed)
     result["peak_prepared"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    out = generate(loaded.params, jnp.asarray([[464, 3290, 318]], jnp.int32),
+    del originals, freed, new
+    out = generate(prepared, jnp.asarray([[464, 3290, 318]], jnp.int32),
                    config=GenerationConfig(max_new_tokens=int(sys.argv[4]), do_sample=False),
                    model_config=loaded.config)
     jax.block_until_ready(out.sequences)
@@ -111,6 +115,9 @@ def main() -> int:
                         help="then generate N greedy tokens (batch 1) in the same process and report the peak RSS "
                              "after preparing the decode weights and after generating (0: load only). Compare "
                              "GPT2_JAX_TUNING=transposed_kernels=0 (no [out, in] kernel copy)")
+    parser.add_argument("--keep-params", action="store_true",
+                        help="with --generate: prepare the decode weights beside the loaded params (the library's "
+                             "cached decode_weights) instead of consuming them as the CLIs do")
     parser.add_argument("--ckpt", default=None, help="an existing checkpoint directory to load instead of writing one")
     parser.add_argument("--write", default=None, help=argparse.SUPPRESS)  # internal: the writer child
     args = parser.parse_args()
@@ -143,7 +150,8 @@ def main() -> int:
             print(f"wrote {size / 1e9:.3f} GB in {time.perf_counter() - start:.1f} s")
         size = (ckpt / "model.safetensors").stat().st_size
         mode = "no-release" if args.no_release else "release"
-        done = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), mode, args.dtype, str(args.generate)],
+        done = subprocess.run([sys.executable, "-c", CHILD, str(ckpt), mode, args.dtype, str(args.generate),
+                               "keep" if args.keep_params else "consume"],
                               capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         if done.returncode:
             print(done.stderr, file=sys.stderr)
@@ -157,7 +165,9 @@ def main() -> int:
               f"VmHWM {hwm / 1e9:.3f} GB = {hwm / size:.3f}x")
         if args.generate:
             tuning = os.environ.get("GPT2_JAX_TUNING", "default")
-            print(f"then {args.generate} greedy tokens (GPT2_JAX_TUNING={tuning}), {result['generate_seconds']:.1f} s "
+            how = "params kept" if args.keep_params else "params consumed, as the CLIs do"
+            print(f"then {args.generate} greedy tokens (GPT2_JAX_TUNING={tuning}, {how}), "
+                  f"{result['generate_seconds']:.1f} s "
                   f"with compiling: decode weights add {result['prepared_extra_bytes'] / 1e9:.3f} GB; peak RSS after "
                   f"preparing {result['peak_prepared'] / 1e9:.3f} GB = {result['peak_prepared'] / size:.3f}x, after "
                   f"generating {result['peak_generate'] / 1e9:.3f} GB = {result['peak_generate'] / size:.3f}x the file")

@@ -546,14 +546,50 @@ def init_params(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module] =
         ``scan_layers`` config, with the same values as the per-layer tree of the same key.
 
     The initialiser is traced and compiled once per ``(config, model_cls, param_dtype)`` and reused by later calls
-    (only ``key`` is an argument of the compiled program).
+    (only ``key`` is an argument of the compiled program). Params larger than :data:`INIT_GROUP_BYTES` (gpt2-large
+    and up in float32) are made instead by a few programs that each compute a group of leaves (the same values):
+    one program for all of them holds every leaf's random bits at once and peaks at ~2.7x the params' bytes.
     """
     param_dtype = jnp.dtype(param_dtype)  # jnp.float32, np.float32 and "float32" share one compiled initialiser
+    init, static = _init_params_jit, dict(config=config, model_cls=model_cls, param_dtype=param_dtype)
     try:
         hash(config)
     except TypeError:  # a config with an unhashable field cannot be a static argument: compile for this call only
-        return jax.jit(lambda k: _init_params_traced(k, config, model_cls, param_dtype))(key)
-    return _init_params_jit(key, config, model_cls, param_dtype)
+        init, static = jax.jit(lambda k: _init_params_traced(k, config, model_cls, param_dtype)), {}
+    shapes = init.eval_shape(key, **static)  # the jit's own trace: the call below reuses it
+    if sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)) > INIT_GROUP_BYTES:
+        return _init_params_in_groups(key, config, model_cls, param_dtype, shapes)
+    return init(key, **static)
+
+
+#: Params above this many bytes are initialised group by group, each group of leaves at most this large.
+INIT_GROUP_BYTES = 256 * 2**20
+
+
+def _init_params_in_groups(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module], param_dtype,
+                           shapes) -> dict:
+    """:func:`init_params` for large params: the whole initialiser traced once per group of leaves of at most
+    :data:`INIT_GROUP_BYTES`, returning only that group (XLA drops the rest), so the peak is the params plus one
+    group's temporaries. Each leaf gets exactly the values of the single program (same keys, same ops)."""
+    flat_shapes, treedef = jax.tree_util.tree_flatten(shapes)
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, leaf in enumerate(flat_shapes):
+        n = leaf.size * leaf.dtype.itemsize
+        if groups[-1] and size + n > INIT_GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    leaves: list[Any] = [None] * len(flat_shapes)
+    for group in groups:
+        def init_group(k, group=tuple(group)):
+            flat = jax.tree_util.tree_leaves(_init_params_traced(k, config, model_cls, param_dtype))
+            return [flat[i] for i in group]
+
+        for i, value in zip(group, jax.block_until_ready(jax.jit(init_group)(key))):
+            leaves[i] = value
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _init_params_traced(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module], param_dtype) -> dict:
@@ -569,7 +605,7 @@ def _init_params_traced(key: jax.Array, config: GPT2Config, model_cls: type[nn.M
 
 
 # One jit whose cache is keyed on the static (config, model class, param dtype): one trace per architecture.
-_init_params_jit = jax.jit(_init_params_traced, static_argnums=(1, 2, 3))
+_init_params_jit = jax.jit(_init_params_traced, static_argnames=("config", "model_cls", "param_dtype"))
 
 
 def count_params(params) -> int:

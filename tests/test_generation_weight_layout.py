@@ -106,3 +106,28 @@ def test_decode_weights_is_a_pytree_the_programs_can_take():
     leaves, treedef = jax.tree_util.tree_flatten(weights)
     assert isinstance(jax.tree_util.tree_unflatten(treedef, leaves), DecodeWeights)
     assert len(leaves) == len(jax.tree_util.tree_leaves(tiny_params()))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_consuming_preparation_frees_each_copied_original_and_computes_the_same(monkeypatch, dtype):
+    """``decode_weights(consume=True)`` (what the CLIs do with the model they loaded): the same prepared weights
+    as the cached path, every original that got a copy (kernels; narrow leaves widened on the CPU) deleted, the
+    leaves used as they are kept alive and shared, and nothing cached."""
+    monkeypatch.setenv(TRANSPOSED_KERNELS_ENV, "1")
+    clear_cache()
+    reference_params = jax.tree_util.tree_map(lambda x: x.astype(dtype), init_params(jax.random.PRNGKey(4), ODD))
+    owned = jax.tree_util.tree_map(jnp.copy, reference_params)
+    expected = decode_weights(reference_params)
+    leaves = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(owned)}
+    consumed = decode_weights(owned, consume=True)
+    assert decode_weights(reference_params) is expected  # the cached entry was not replaced
+    for name, leaf in leaves.items():
+        copied = name.endswith("['kernel']") or dtype != "float32"  # bfloat16 is widened to float32 on the CPU
+        assert leaf.is_deleted() == copied, name
+    for got, want in zip(jax.tree_util.tree_leaves(consumed), jax.tree_util.tree_leaves(expected)):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ids = prompts(2, 5, vocab=ODD.vocab_size)
+    settings = dict(model_config=ODD, max_new_tokens=6, eos_token_id=1, pad_token_id=0)
+    out = generate(consumed, ids, **settings)
+    np.testing.assert_array_equal(out.sequences, generate(reference_params, ids, **settings).sequences)

@@ -24,6 +24,7 @@ off.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 import weakref
@@ -112,18 +113,25 @@ def _split_kernels(tree) -> tuple[dict, dict]:
     return kept, kernels
 
 
-def _convert_params(tree, upcast: bool):
+def _convert_params(tree, upcast: bool, consume: bool = False):
     """The non-transposed part of the prepared weights, converted leaf by leaf (leaves that need no conversion are
     shared, not copied): narrow and quantized leaves to float32 when ``upcast``; otherwise only quantized leaves
     that are not Dense kernels (``wte``: the embedding lookup and the tied LM head read a plain array) are
-    dequantized, to their original dtype."""
-    def one(path, leaf):
+    dequantized, to their original dtype. ``consume``: each converted original is freed once its copy exists."""
+    def convert(path, leaf):
         if upcast:
             needs = is_quantized(leaf) or jnp.dtype(leaf.dtype).name in NARROW_FLOATS
             return _widened(leaf) if needs else leaf
         if is_quantized(leaf) and getattr(path[-1], "key", None) != "kernel":
             return leaf.dequantize()
         return leaf
+
+    def one(path, leaf):
+        converted = convert(path, leaf)
+        if consume and converted is not leaf:
+            jax.block_until_ready(converted)
+            _delete(leaf)
+        return converted
 
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_quantized)
 
@@ -135,20 +143,62 @@ def _needs_preparing(params, upcast: bool) -> bool:
     return False
 
 
-def transpose_kernels(params, upcast: bool = False) -> DecodeWeights:
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _delete(tree) -> None:
+    """Free the device buffers of every jax array in ``tree`` now (they raise if used afterwards).
+
+    On the CPU the freed host memory is also handed back to the operating system (glibc ``malloc_trim``): the
+    buffers were allocated by the loading thread, their copies are allocated by XLA's worker threads from other
+    malloc arenas, so without the trim the freed kernels stay resident and the copy costs as much as keeping them.
+    """
+    freed = False
+    for leaf in jax.tree_util.tree_leaves(tree):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            freed = freed or backend.platform_of(leaf) == "cpu"
+            leaf.delete()
+    trim = _malloc_trim() if freed else None
+    if trim is not None:
+        trim(0)
+
+
+def _transposed_one_by_one(kernels, upcast: bool):
+    """:func:`_transposed`, one kernel at a time, each original freed as soon as its copy exists: the peak is the
+    params plus one kernel instead of the params plus every kernel."""
+    def one(kernel):
+        moved = jax.block_until_ready(_transposed(kernel, upcast=upcast))
+        _delete(kernel)
+        return moved
+
+    return jax.tree_util.tree_map(one, kernels, is_leaf=is_quantized)
+
+
+def transpose_kernels(params, upcast: bool = False, *, consume: bool = False) -> DecodeWeights:
     """``params`` with every Dense kernel moved, transposed, to the ``KERNELS_OUT_IN`` collection (the other
     arrays are shared, not copied). ``upcast``: narrow (bfloat16, float16) and int8-quantized weights become
-    float32, kernels in the same pass as their transposition."""
+    float32, kernels in the same pass as their transposition. ``consume``: free each original kernel (and each
+    narrow leaf that was widened) once its copy exists, so the copy costs one kernel of extra memory, not all of
+    them; ``params`` is unusable afterwards."""
     kept, kernels = _split_kernels(params)
-    return DecodeWeights(_convert_params(kept, upcast), _transposed(kernels, upcast=upcast))
+    if not consume:
+        return DecodeWeights(_convert_params(kept, upcast), _transposed(kernels, upcast=upcast))
+    return DecodeWeights(_convert_params(kept, upcast, consume=True), _transposed_one_by_one(kernels, upcast))
 
 
-def prepare_weights(params, tuning: Tuning) -> DecodeWeights:
-    """The weights the programs compute with under ``tuning`` (uncached; see :func:`decode_weights`)."""
+def prepare_weights(params, tuning: Tuning, *, consume: bool = False) -> DecodeWeights:
+    """The weights the programs compute with under ``tuning`` (uncached; see :func:`decode_weights`).
+    ``consume``: free the params' arrays that were copied, as they are copied (:func:`transpose_kernels`)."""
     upcast = not tuning.low_precision_compute
     if tuning.transposed_kernels:
-        return transpose_kernels(params, upcast)
-    return DecodeWeights(_convert_params(params, upcast))
+        return transpose_kernels(params, upcast, consume=consume)
+    return DecodeWeights(_convert_params(params, upcast, consume=consume))
 
 
 class _LastWeights:
@@ -192,7 +242,8 @@ class _LastWeights:
 _LAST = _LastWeights()
 
 
-def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None = None) -> DecodeWeights:
+def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None = None,
+                   consume: bool = False) -> DecodeWeights:
     """What the generation programs compute with for ``params``.
 
     Args:
@@ -200,6 +251,10 @@ def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None
             (:func:`gpt2_jax.precision.quantize_params`); a :class:`DecodeWeights` is returned as is.
         platform: decide the settings for this platform instead of the params' own (``'cpu'``, ``'gpu'``...).
         tuning: the settings (default: :func:`~gpt2_jax.backend.tuning_for` the params, or ``platform``).
+        consume: the caller hands ``params`` over: every array that gets a prepared copy is freed as soon as
+            that copy exists (the transposed kernels then cost one kernel of extra memory at the peak instead of
+            all of them: gpt2-xl's 5.8 GB on the CPU). ``params`` must not be used afterwards; the result is
+            not cached. What the CLIs do with the model they loaded.
 
     Returns:
         Under :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` (the CPU), :func:`transpose_kernels`; when
@@ -215,6 +270,8 @@ def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None
         tuning = backend.tuning_for(params, platform=platform)
     if not tuning.transposed_kernels and not _needs_preparing(params, not tuning.low_precision_compute):
         return DecodeWeights(params)
+    if consume:
+        return prepare_weights(params, tuning, consume=True)
     return _LAST.get(params, tuning)
 
 

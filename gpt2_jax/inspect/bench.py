@@ -317,6 +317,7 @@ def run_benchmark(
     source: str = "",
     seed: int = 0,
     progress: bool = True,
+    consume_params: bool = False,
 ) -> BenchReport:
     """Benchmark prefill, decode and generate of ``params`` at every batch size (see the module docstring).
 
@@ -339,6 +340,9 @@ def run_benchmark(
         model_name, source: recorded in the report.
         seed: seed of the random prompts.
         progress: a progress bar on stderr.
+        consume_params: the caller hands ``params`` over: each array that gets a prepared copy (the CPU's
+            transposed kernels) is freed as its copy is made, so the run holds one copy of the weights, as
+            ``gpt2-jax bench`` does; ``params`` must not be used afterwards.
 
     Returns:
         a :class:`BenchReport`.
@@ -362,14 +366,15 @@ def run_benchmark(
     stored = dtype_name(resolve_dtype(dtype)) if dtype is not None else precision_params_dtype(params)
     tuning = backend.tuning_for(params)
     dtype = compute_dtype(stored, params, tuning)  # what the programs compute in
-    weights = jax.block_until_ready(decode_weights(params, tuning=tuning))  # prepared once, as generation does
+    n_params, stored_bytes, non_embedding = param_stats(params)
+    params_platform = backend.platform_of(params)
+    weights = jax.block_until_ready(decode_weights(params, tuning=tuning, consume=consume_params))  # prepared once
     device = jax.devices()[0]
     peaks = resolve_peaks(device, dtype, peak_bandwidth_gbs, peak_tflops)
     measured = None
     if measure_peaks and (peaks["bandwidth_gbs"] is None or peaks["tflops"] is None):
         measured = measure_device_peaks(device)
         peaks = resolve_peaks(device, dtype, peak_bandwidth_gbs, peak_tflops, measured=measured)
-    n_params, stored_bytes, non_embedding = param_stats(params)
     _, n_bytes, _ = param_stats(weights)  # bytes a decode step reads: the prepared weights
     rng = np.random.default_rng(seed)
     results = []
@@ -379,7 +384,7 @@ def run_benchmark(
         results.append(_bench_batch(weights, config, dtype, batch, prompt, new, runs, generate, peaks, n_params,
                                     n_bytes, non_embedding, rng, device))
     notes = []
-    note = precision_note(stored, tuning, quantize, backend.platform_of(params))
+    note = precision_note(stored, tuning, quantize, params_platform)
     if note:
         notes.append(note)
     if results and results[0]["peak_memory"]["source"] == "process_max_rss":
@@ -576,7 +581,7 @@ def run(args) -> int:
         runs=args.runs,
         generate=not args.no_generate, peak_bandwidth_gbs=args.peak_bandwidth, peak_tflops=args.peak_flops,
         measure_peaks=not args.no_measure_peaks,
-        model_name=name, source=source, seed=args.seed, progress=not args.json,
+        model_name=name, source=source, seed=args.seed, progress=not args.json, consume_params=True,
     )
     document = json.dumps(report.to_dict(), indent=1)
     if args.out:
