@@ -556,6 +556,8 @@ def init_params(key: jax.Array, config: GPT2Config, model_cls: type[nn.Module] =
         hash(config)
     except TypeError:  # a config with an unhashable field cannot be a static argument: compile for this call only
         init, static = jax.jit(lambda k: _init_params_traced(k, config, model_cls, param_dtype)), {}
+    if isinstance(key, jax.core.Tracer):  # under jit / eval_shape: one program, nothing to gain from groups
+        return init(key, **static)
     shapes = init.eval_shape(key, **static)  # the jit's own trace: the call below reuses it
     if sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)) > INIT_GROUP_BYTES:
         return _init_params_in_groups(key, config, model_cls, param_dtype, shapes)

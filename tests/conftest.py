@@ -28,3 +28,26 @@ def _no_persistent_compilation_cache(monkeypatch):
 
     if jax.config.jax_compilation_cache_dir is not None:
         jax.config.update("jax_compilation_cache_dir", None)
+
+
+def _memory_maps() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Every compiled XLA CPU program keeps ~3 memory maps
+    (its JIT-compiled code) while cached, and the default suite compiles tens of thousands of programs: one process
+    reached Linux's ``vm.max_map_count`` (65530), the next compile failed, and throwing that error crashed the
+    process (SIGSEGV in the C++ unwinder under ``backend_compile_and_load``)."""
+    yield
+    import jax
+
+    before = _memory_maps()
+    jax.clear_caches()
+    if os.environ.get("GPT2_JAX_TEST_MAPS"):  # a diagnostic: how many maps a module leaves
+        print(f"\n[memory maps: {before} after the module, {_memory_maps()} after clearing JAX's caches]")

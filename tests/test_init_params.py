@@ -55,7 +55,7 @@ def test_large_params_are_initialised_group_by_group_with_the_same_values(monkey
     whole = init_params(jax.random.PRNGKey(7), config)
     programs = []
     real_jit = jax.jit
-    monkeypatch.setattr(model_module, "INIT_GROUP_BYTES", 3 * 16 * 16 * 4)  # a few kernels per group
+    monkeypatch.setattr(model_module, "INIT_GROUP_BYTES", 6 * 16 * 16 * 4)  # a few kernels per group
     monkeypatch.setattr(model_module.jax, "jit", lambda f, **kw: programs.append(f) or real_jit(f, **kw))
     grouped = init_params(jax.random.PRNGKey(7), config)
     assert len(programs) > 3
