@@ -15,12 +15,13 @@ import importlib
 # Public name -> submodule. Imported lazily, so that ``gpt2-jax <other command>`` does not pay for orbax & co.
 _EXPORTS = {
     "checkpointing": ["CheckpointManager", "abstract_state", "save_hf_directory"],
+    "distributed": ["DistributedSpec", "any_process", "barrier", "join"],
     "data": ["DataError", "WindowLoader", "iter_eval_windows", "load_or_tokenize", "load_tokens", "tokenize_files"],
     "evaluate": ["EvalResult", "evaluate", "make_nll_fn"],
     "loop": ["TRAINING_PRESETS", "TrainConfig", "TrainingError", "TrainResult", "plot_losses", "read_metrics",
              "train"],
     "optim": ["OptimizerConfig", "decay_mask", "make_optimizer", "make_schedule"],
-    "sharding": ["batch_sharding", "check_batch_size", "global_batch", "initialize_distributed", "make_mesh",
+    "sharding": ["batch_sharding", "check_batch_size", "global_batch", "local_batch_rows", "make_mesh",
                  "param_shardings", "param_specs", "state_shardings"],
     "step": ["TrainState", "make_loss_fn", "make_train_step"],
 }

@@ -7,6 +7,9 @@ Examples::
     gpt2-jax train --out run/ --resume                     # continue after a crash, same settings
     gpt2-jax train ... --mesh-model 4 --strategy fsdp     # shard params over 4 of the devices
     gpt2-jax train --random-weights --model gpt2 ...       # from scratch, the gpt2 architecture (= --config-preset)
+    gpt2-jax train ... --coordinator 10.0.0.1:8476 --num-processes 2 --process-id 0   # one such line per host
+    gpt2-jax train ... --distributed                       # TPU pod slice / SLURM / Open MPI: detected
+    python scripts/launch_local.py --num-processes 2 -- train ...   # N local processes, for tests and demos
 
 Before the first step it prints an estimate of the time per step and for the whole run (from the model size, the
 tokens per step and this machine's measured matmul rate), then "compiling the train step (first call)..." with
@@ -110,9 +113,40 @@ def register(subparsers) -> None:
     g.add_argument("--mesh-data", type=int, help="data-axis size (default: devices / --mesh-model)")
     g.add_argument("--mesh-model", type=int, help="model-axis size: FSDP shards or tensor-parallel degree (default 1)")
     g.add_argument("--strategy", choices=("fsdp", "tp"), help="what the model axis does (default fsdp)")
+    g = p.add_argument_group("multi-process (jax.distributed; one process per host, see scripts/launch_local.py)")
     g.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() first (auto-detects TPU pods, SLURM, MPI)")
+                   help="join a multi-process run JAX detects from the environment (TPU pod slices, SLURM, Open MPI)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address; with --num-processes and --process-id (every process the same)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1 (0 hosts the coordinator)")
+    g.add_argument("--coordinator-timeout", type=float, metavar="SECONDS",
+                   help="give up (exit 2, one line) when the coordinator or the other processes do not answer "
+                        "within this time (default 300)")
     p.set_defaults(func=run)
+
+
+_DISTRIBUTED_OPTIONS = ("distributed", "coordinator", "num_processes", "process_id", "coordinator_timeout")
+
+
+def _join_if_asked(args: argparse.Namespace) -> None:
+    """Join the multi-process run the options describe (before any other JAX call), if any."""
+    from ..errors import CLIError
+    from .distributed import DistributedSpec, join
+
+    explicit = {k: getattr(args, k) for k in ("coordinator", "num_processes", "process_id") if hasattr(args, k)}
+    if not explicit and not getattr(args, "distributed", False):
+        if hasattr(args, "coordinator_timeout"):
+            raise CLIError("--coordinator-timeout needs --coordinator (or --distributed)")
+        return
+    spec = DistributedSpec(**explicit, timeout_s=getattr(args, "coordinator_timeout", 300.0))
+    if explicit and getattr(args, "distributed", False):
+        raise CLIError("--distributed detects the cluster; do not combine it with --coordinator/--num-processes/"
+                       "--process-id")
+    try:
+        join(spec)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,11 +154,8 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import CLIError
     from .loop import TrainConfig, TrainingError, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "distributed")}
-    if getattr(args, "distributed", False):
-        from .sharding import initialize_distributed
-
-        initialize_distributed()
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", *_DISTRIBUTED_OPTIONS)}
+    _join_if_asked(args)
     if "config_overrides" in given:
         given["config_overrides"] = dict(given["config_overrides"])
     if given.get("grad_clip") == 0:

@@ -309,13 +309,20 @@ class WindowLoader:
             object.__setattr__(self, "_order", (epoch, order))
         return order
 
-    def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    def batch(self, step: int, process_index: int = 0, process_count: int = 1,
+              rows: tuple[int, int] | None = None) -> np.ndarray:
         """Batch ``step`` as int32 ``[batch_size / process_count, seq_len + 1]``: this process's contiguous rows
-        of the global batch (all of it on one host)."""
-        if self.batch_size % process_count:
-            raise ValueError(f"batch size {self.batch_size} is not divisible by {process_count} processes")
-        rows = self.batch_size // process_count
-        starts = self.starts(step)[process_index * rows:(process_index + 1) * rows]
+        of the global batch (all of it on one host); ``rows=(start, stop)`` takes exactly those rows instead
+        (``[stop - start, seq_len + 1]``, e.g. :func:`~gpt2_jax.training.sharding.local_batch_rows`)."""
+        if rows is None:
+            if self.batch_size % process_count:
+                raise ValueError(f"batch size {self.batch_size} is not divisible by {process_count} processes")
+            per_process = self.batch_size // process_count
+            rows = (process_index * per_process, (process_index + 1) * per_process)
+        start, stop = rows
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows {rows} are not a non-empty range within the batch of {self.batch_size}")
+        starts = self.starts(step)[start:stop]
         offsets = starts[:, None] + np.arange(self.seq_len + 1)[None, :]  # [rows, seq_len + 1]
         return np.asarray(self.tokens[offsets], dtype=np.int32)
 

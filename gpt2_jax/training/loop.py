@@ -17,6 +17,12 @@ Resuming: after a crash or ``kill -9`` the run restarts from the newest complete
 dropout key of step ``N`` depend only on ``(seed, N)``, and metrics lines after the checkpoint are dropped, so the
 resumed run's losses equal an uninterrupted run's. Ctrl-C or SIGTERM stop at the next step boundary after saving a
 checkpoint.
+
+Multi-process runs (``jax.distributed``, see :mod:`~gpt2_jax.training.distributed`): every process runs this same
+loop over one mesh of all processes' devices and reads only the rows of each batch its devices hold. Process 0
+alone holds the directory lock and writes run.json, the tokenised data, metrics, plots and final/; orbax writes
+each checkpoint from all processes. Setup failures are agreed on (a process whose peer failed stops too, saying
+so), and so is a stop request: all processes stop after the same step.
 """
 
 from __future__ import annotations
@@ -49,10 +55,12 @@ from ..model import init_params
 from ..stacking import params_for
 from .checkpointing import CheckpointManager, abstract_state, save_hf_directory
 from .data import DataError, WindowLoader, load_or_tokenize
+from .distributed import any_process
 from .evaluate import evaluate, make_nll_fn
 from .narration import CompilePhase, estimate_line
 from .optim import OptimizerConfig, check_optimizer_settings, make_optimizer
-from .sharding import (batch_sharding, check_batch_size, global_batch, make_mesh, state_shardings)
+from .sharding import (batch_sharding, check_batch_size, global_batch, local_batch_rows, make_mesh,
+                       state_shardings)
 from .step import TrainState, make_train_step
 from .validation import check_int, flag
 
@@ -480,6 +488,26 @@ def _compiled_functions(config: GPT2Config, opt: OptimizerConfig, mesh, strategy
     )
 
 
+def _agree(what: str, action, *args, **kwargs):
+    """``action(*args, **kwargs)`` on this process, then agree with the other processes on whether it failed: a
+    process whose own part worked but whose peer failed raises :class:`TrainingError` naming ``what`` (a single
+    process just runs ``action``). Every process must reach each ``_agree`` in the same order."""
+    try:
+        result, failed = action(*args, **kwargs), None
+    except Exception as e:  # noqa: BLE001 - re-raised below, after the agreement
+        result, failed = None, e
+    if any_process(failed is not None):
+        if failed is not None:
+            raise failed
+        raise TrainingError(f"another process failed while {what}; see its output")
+    return result
+
+
+def _only_main(action, *args, **kwargs):
+    """``action(*args, **kwargs)`` on process 0 only (None elsewhere)."""
+    return action(*args, **kwargs) if jax.process_index() == 0 else None
+
+
 # ------------------------------------------------------------------------------------------------------ train
 def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
     """Run (or resume) a training run described by ``cfg``; see the module docstring for the outputs.
@@ -512,8 +540,7 @@ def train(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainResult:
     existed = out.is_dir()
     before = set(os.listdir(out)) if existed else set()
     lock = DirectoryLock.for_directory(out, what="training run")
-    if is_main:
-        lock.acquire()
+    _agree("locking the run directory", _only_main, lock.acquire)
     run_state = {"resuming": False, "started": False, "cleared": False}
     try:
         if lock.took_over:
@@ -566,7 +593,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
     """
     out = Path(cfg.out)
     is_main = jax.process_index() == 0
-    resuming = prepare_output_dir(cfg)
+    resuming = _agree("checking the output directory", prepare_output_dir, cfg)  # before process 0 writes there
     run_state["resuming"] = resuming
     if resuming:
         saved = json.loads((out / RUN_FILE).read_text(encoding="utf-8"))
@@ -601,14 +628,20 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
     mesh = make_mesh(cfg.mesh_data, cfg.mesh_model)
     check_batch_size(cfg.batch_size, mesh, cfg.strategy, cfg.accum_steps)
 
-    # Data (tokenised into out/data once).
-    tokens = load_or_tokenize(cfg.data, out / "data", tokenizer, cfg.text_field, progress=cfg.progress and is_main)
-    _check_vocab(tokens, config, "training")
-    eval_tokens = None
-    if cfg.eval_data:
-        eval_tokens = load_or_tokenize(cfg.eval_data, out / "data" / "eval", tokenizer, cfg.text_field,
-                                       progress=cfg.progress and is_main)
-        _check_vocab(eval_tokens, config, "evaluation")
+    # Data (tokenised into out/data once, by process 0; the others then read that cache).
+    def load_data():
+        tokens = load_or_tokenize(cfg.data, out / "data", tokenizer, cfg.text_field,
+                                  progress=cfg.progress and is_main)
+        _check_vocab(tokens, config, "training")
+        eval_tokens = None
+        if cfg.eval_data:
+            eval_tokens = load_or_tokenize(cfg.eval_data, out / "data" / "eval", tokenizer, cfg.text_field,
+                                           progress=cfg.progress and is_main)
+            _check_vocab(eval_tokens, config, "evaluation")
+        return tokens, eval_tokens
+
+    data = _agree("tokenising the data", _only_main, load_data)
+    tokens, eval_tokens = _agree("reading the tokenised data", (lambda: data) if is_main else load_data)
     init_key, dropout_key, data_key = jax.random.split(jax.random.PRNGKey(cfg.seed), 3)
     loader = WindowLoader(tokens, cfg.batch_size, seq_len, seed=np.asarray(data_key), shuffle=cfg.shuffle)
     if cfg.overwrite:  # everything checked: now the old run may go
@@ -616,10 +649,13 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
         run_state["cleared"] = True
 
     # Run files.
-    if is_main and not resuming:
+    def write_run_files():
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(out / "tokenizer")
         _write_json(out / RUN_FILE, {"train": dataclasses.asdict(cfg), "model_config": config.to_hf_dict()})
+
+    if not resuming:
+        _agree("writing the run files", _only_main, write_run_files)
 
     # State: sharded over the mesh, from the newest checkpoint or fresh.
     lora = cfg.lora_config()
@@ -714,9 +750,10 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
                 f"loss or gradients were non-finite for {consecutive_skips} consecutive steps (last: step {step}); "
                 "those updates were skipped. Lower --learning-rate, use --dtype float32 or check the data.")
 
+    my_rows = local_batch_rows(b_sharding, cfg.batch_size)  # the rows this process's devices hold
+
     def read_batch(step: int):
-        return global_batch(loader.batch(step, jax.process_index(), jax.process_count()), b_sharding,
-                            cfg.batch_size)  # [batch, seq_len + 1]
+        return global_batch(loader.batch(step, rows=my_rows), b_sharding, cfg.batch_size)  # [batch, seq_len + 1]
 
     if is_main and start < cfg.steps:
         try:
@@ -732,7 +769,7 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
         with _StopFlag() as stop:
             batch = read_batch(start) if start < cfg.steps else None
             for step in range(start, cfg.steps):
-                if stop.signal is not None:  # arrived between two steps: nothing is in flight
+                if any_process(stop.signal is not None):  # arrived between two steps: nothing is in flight
                     if ckpt.latest_step() != step:
                         ckpt.save(state, meta(step))
                     interrupted = True
@@ -751,13 +788,14 @@ def _train(cfg: TrainConfig, explicit: set[str] | None, run_state: dict) -> Trai
                     bar = tqdm(total=cfg.steps, initial=step + 1, desc="training", unit="step", dynamic_ncols=True)
                     bar.set_postfix(postfix, refresh=True)
                 done = step + 1
-                boundary = done % cfg.save_every == 0 or done == cfg.steps or stop.signal is not None
+                stopping = any_process(stop.signal is not None)  # every process stops after the same step
+                boundary = done % cfg.save_every == 0 or done == cfg.steps or stopping
                 evaluate_now = eval_tokens is not None and cfg.eval_every and done % cfg.eval_every == 0
                 if evaluate_now and done != cfg.steps:
                     emit(run_eval(done))
                 if boundary:
                     ckpt.save(state, meta(done))
-                if stop.signal is not None:
+                if stopping:
                     interrupted = True
                     break
         if not interrupted and eval_tokens is not None:

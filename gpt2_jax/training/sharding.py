@@ -18,12 +18,10 @@ The mesh has two axes, ``("data", "model")``. Two strategies decide what the ``m
 A leaf whose dimensions the axis size does not divide is replicated (e.g. ``wte``'s 50257 rows). With
 ``model=1`` both strategies are plain data parallelism (everything replicated, the batch split over ``data``).
 
-Multi-host: call :func:`initialize_distributed` (``jax.distributed.initialize()``: auto-detected on Cloud TPU,
-SLURM and Open MPI; else pass ``coordinator_address``, ``num_processes``, ``process_id``) in every process
-*before* any other JAX call, then build the mesh over ``jax.devices()`` (all hosts' devices). Each process loads
-its own contiguous ``1 / process_count`` slice of the global batch (``WindowLoader.batch(step,
-jax.process_index(), jax.process_count())``) and :func:`global_batch` assembles the global array; checkpoints
-(orbax) are written cooperatively by all processes; only process 0 writes logs and the final HF directory.
+Multi-process: every process joins first (:func:`gpt2_jax.training.distributed.join`), then builds the same mesh
+over ``jax.devices()`` (all processes' devices). Each process loads only the rows of the global batch its own
+devices hold (:func:`local_batch_rows`) and :func:`global_batch` assembles the global array; checkpoints (orbax)
+are written cooperatively by all processes; only process 0 writes logs and the final HF directory.
 """
 
 from __future__ import annotations
@@ -36,11 +34,6 @@ from ..stacking import params_are_stacked
 
 DATA, MODEL = "data", "model"
 STRATEGIES = ("fsdp", "tp")
-
-
-def initialize_distributed(**kwargs) -> None:
-    """Join a multi-host run (``jax.distributed.initialize(**kwargs)``); call first in every process."""
-    jax.distributed.initialize(**kwargs)
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
@@ -177,7 +170,26 @@ def shard(tree, shardings):
     return jax.tree_util.tree_map(jax.device_put, tree, shardings)
 
 
+def local_batch_rows(sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+    """``(start, stop)``: the rows of a ``[global_rows, ...]`` batch that this process's devices hold under
+    ``sharding`` (all rows in a single process; a contiguous block per process on a mesh built by
+    :func:`make_mesh`, whose devices are ordered process by process).
+
+    Raises:
+        ValueError: this process's rows are not one contiguous block (a hand-made mesh interleaving processes).
+    """
+    rows = set()
+    for index in sharding.addressable_devices_indices_map((global_rows,)).values():
+        rows.update(range(*index[0].indices(global_rows)))
+    start, stop = min(rows), max(rows) + 1
+    if len(rows) != stop - start:
+        raise ValueError(f"this process's devices hold rows {sorted(rows)} of the batch: not one contiguous block; "
+                         "order the mesh's devices process by process")
+    return start, stop
+
+
 def global_batch(local_rows: np.ndarray, sharding: NamedSharding, global_rows: int) -> jax.Array:
-    """The global ``[global_rows, ...]`` batch from this process's contiguous rows (all rows on one host)."""
+    """The global ``[global_rows, ...]`` batch from this process's rows (:func:`local_batch_rows`; all rows in a
+    single process)."""
     shape = (global_rows, *local_rows.shape[1:])
     return jax.make_array_from_process_local_data(sharding, local_rows, shape)
