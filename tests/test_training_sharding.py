@@ -90,7 +90,9 @@ SCRIPT = textwrap.dedent(r"""
         base_kept = all(bool(np.array_equal(a, b)) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                                      jax.tree_util.tree_leaves(state.params["params"])))
         c_attn = state.params["params"]["h"]["0"]["attn"]["c_attn"]["kernel"]
-        return {"losses": losses, "trace": trace, "base_kept": base_kept, "base_c_attn": info(c_attn),
+        moved = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                    zip(jax.tree_util.tree_leaves(adapters0), jax.tree_util.tree_leaves(state.params["lora"])))
+        return {"losses": losses, "trace": trace, "base_kept": base_kept, "base_c_attn": info(c_attn), "moved": moved,
                 "adapters": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), state.params["lora"])}
 
     out = {}
@@ -276,7 +278,7 @@ def test_lora_on_the_mesh_matches_one_device(sharded_runs):
     bit-identical after training on both, and really sharded on the mesh."""
     ref, run = sharded_runs["lora_single"], sharded_runs["lora_fsdp"]
     np.testing.assert_allclose(run["losses"], ref["losses"], rtol=1e-5)
-    assert ref["losses"][-1] < ref["losses"][0]
+    assert ref["moved"] > 1e-3  # the adapters train (4 AdamW steps of up to lr = 3e-3 each)
     assert ref["base_kept"] and run["base_kept"]
     assert run["base_c_attn"] == {"spec": [None, "model"], "shard": [32, 24], "devices": 8}
     bounds = _adapter_bounds(ref["trace"], ref["adapters"])
