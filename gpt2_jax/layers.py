@@ -6,6 +6,8 @@ kernels are ``[in, out]`` like Hugging Face's ``Conv1D``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any, Callable
@@ -19,6 +21,61 @@ from .config import GPT2Config
 from .kv_cache import write_slots
 
 Dtype = Any
+
+
+# Activation sharding -------------------------------------------------------------------------------------------
+# Under FSDP (and plain data parallelism) every activation is split by rows over the mesh, and each weight is
+# gathered where it is used. Without a constraint, XLA's SPMD partitioner may instead follow a weight's sharding
+# into the activations (e.g. the gradient of c_attn's output split along features, like its kernel) and then has to
+# "involuntarily" replicate and re-split them. The training step sets the rows' sharding while it traces the model.
+_ROW_SHARDING: contextvars.ContextVar = contextvars.ContextVar("gpt2_jax_row_sharding", default=None)
+
+
+@contextlib.contextmanager
+def rows_sharded(sharding):
+    """While tracing under this context, :func:`constrain_rows` splits ``[batch, ...]`` activations by rows as the
+    ``NamedSharding`` ``sharding`` splits a batch (its spec's first entry); None turns it off."""
+    token = _ROW_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _ROW_SHARDING.reset(token)
+
+
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """``x [batch, ...]`` constrained to the rows' sharding of :func:`rows_sharded` (the identity outside it)."""
+    sharding = _ROW_SHARDING.get()
+    if sharding is None or x.ndim == 0:
+        return x
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    spec = PartitionSpec(sharding.spec[0] if len(sharding.spec) else None, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
+
+
+def gathered(x: jax.Array) -> jax.Array:
+    """Under :func:`rows_sharded`, ``x`` (a weight) whole on every device where it is used, FSDP's all-gather (its
+    gradient is then summed over the rows' devices and split back to the weight's sharding); else the identity.
+    Used for the embedding table, whose gather / scatter-add the partitioner cannot split by rows on its own."""
+    sharding = _ROW_SHARDING.get()
+    if sharding is None:
+        return x
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, PartitionSpec()))
+
+
+class Embed(nn.Embed):
+    """``flax.linen.Embed`` (same params, init and lookup) whose table is :func:`gathered` and whose output rows are
+    :func:`constrain_rows`-split while a training step traces it under FSDP."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        (embedding,) = self.promote_dtype(gathered(self.embedding), dtype=self.dtype, inexact=False)
+        if self.num_embeddings == 1:
+            return jnp.broadcast_to(embedding, inputs.shape + (self.features,))
+        return constrain_rows(jnp.take(embedding, inputs, axis=0))  # [..., features]
 
 
 # Activations ---------------------------------------------------------------------------------------------------
@@ -147,7 +204,7 @@ class Dense(nn.Module):
         y = y + bias.astype(self.dtype)
         if self.has_variable(LORA_COLLECTION, "lora_A"):
             y = y + self._lora_update(x)
-        return y
+        return constrain_rows(y)  # [batch, ..., features], rows split as the batch is (training under FSDP)
 
     def _lora_update(self, x):
         """``dropout(x) @ lora_A @ lora_B * scale``: ``x [..., in]`` -> ``[..., out]``."""

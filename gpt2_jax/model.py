@@ -31,8 +31,8 @@ from . import backend
 from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import KVCache, advance
-from .layers import (GPT2BlockStack, LayerNorm, check_remat_policy, dense, get_variant, hook_point, hook_scope,
-                     hooks_kwarg, scanned_blocks)
+from .layers import (Embed, GPT2BlockStack, LayerNorm, check_remat_policy, constrain_rows, dense, gathered, get_variant,
+                     hook_point, hook_scope, hooks_kwarg, scanned_blocks)
 from .losses import IGNORE_INDEX, causal_lm_loss, cross_entropy
 
 Dtype = Any
@@ -173,7 +173,7 @@ class _GPT2Base(nn.Module):
 
     def setup(self):
         cfg = self.config
-        embed = lambda n: nn.Embed(
+        embed = lambda n: Embed(
             n, cfg.n_embd, embedding_init=nn.initializers.normal(cfg.initializer_range),
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
@@ -248,7 +248,7 @@ class _GPT2Base(nn.Module):
             token_type_ids = jnp.broadcast_to(jnp.asarray(token_type_ids), (batch, length))
             _check_ids("token_type_ids", token_type_ids, cfg.vocab_size)
             hidden = hidden + self.wte(token_type_ids)
-        hidden = self.drop(hidden, deterministic=deterministic)
+        hidden = constrain_rows(self.drop(hidden, deterministic=deterministic))  # [batch, T, n_embd]
         embedded = hidden
 
         visible = visibility(token_mask, cache)  # [batch, 1, T, S]
@@ -293,7 +293,8 @@ class _GPT2Base(nn.Module):
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy)."""
-        return jnp.einsum("...d,vd->...v", hidden, self.wte.embedding.astype(self.dtype))
+        wte = gathered(self.wte.embedding).astype(self.dtype)  # [vocab, n_embd]
+        return constrain_rows(jnp.einsum("...d,vd->...v", hidden, wte))  # [..., vocab]
 
 
 def _check_labels(labels, num_classes: int, name: str = "labels") -> None:

@@ -1,5 +1,8 @@
 """Hooks inside generation: identity hooks keep greedy tokens, a steering vector equals a manual loop that adds it,
-returned activations equal run_with_cache on the final sequence, hook data is traced and hook code recompiles."""
+returned activations equal run_with_cache on the final sequence, hook data is traced and hook code recompiles.
+Every strategy (greedy, sampling, beam search, beam sampling, speculative with a draft model, prompt lookup) runs
+the hooks: adding a vector at ``hook_pos_embed`` is the same model as adding it to every row of ``wpe`` (bitwise:
+``wpe[pos] + v`` either way), so the hooked generation must equal the plain one with shifted weights."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def setup():
 
 
 def gen(params, prompts, **kw):
-    return generate(params, prompts, model_config=CONFIG, max_new_tokens=NEW, do_sample=False, **kw)
+    return generate(params, prompts, model_config=CONFIG, max_new_tokens=NEW, **{"do_sample": False, **kw})
 
 
 def test_identity_hooks_keep_greedy_tokens(setup):
@@ -69,5 +72,47 @@ def test_returned_activations_equal_run_with_cache_on_the_final_sequence(setup):
         np.testing.assert_allclose(got, np.asarray(cache[name])[:, width - 1: width - 1 + NEW], **TOL, err_msg=name)
     with pytest.raises(ValueError, match="hook_pattern.*position-major"):
         gen(params, prompts, return_activations=["blocks.0.attn.hook_pattern"])
-    with pytest.raises(ValueError, match="beam search"):
-        gen(params, prompts, num_beams=2, hooks=[("hook_embed", lambda a, ctx: a)])
+    with pytest.raises(ValueError, match="return_activations= works with greedy decoding and sampling"):
+        gen(params, prompts, num_beams=2, return_activations=["blocks.0.hook_resid_post"])
+
+
+STRATEGIES = {
+    "greedy": {},
+    "sampling": dict(do_sample=True, top_k=20),
+    "beams": dict(num_beams=3, num_return_sequences=2),
+    "beam_sampling": dict(num_beams=3, do_sample=True),
+    "speculative": dict(assistant=True, num_assistant_tokens=3, assistant_fallback=False),
+    "prompt_lookup": dict(prompt_lookup_num_tokens=2, assistant_fallback=False),
+}
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_runs_the_hooks(setup, strategy):
+    import jax
+
+    params, prompts = setup
+    options = dict(STRATEGIES[strategy])
+    if options.pop("assistant", False):  # the draft proposes unhooked; the hooked target decides
+        options.update(assistant_params=random_params(CONFIG.replace(n_layer=1), seed=12),
+                       assistant_config=CONFIG.replace(n_layer=1))
+    if options.get("do_sample"):
+        options["key"] = jax.random.PRNGKey(4)
+    vector = jnp.asarray(np.random.default_rng(6).standard_normal(CONFIG.n_embd) * 2, jnp.float32)
+    shifted = jax.tree_util.tree_map(lambda x: x, params)
+    shifted["wpe"] = {"embedding": params["wpe"]["embedding"] + vector}
+    steered = gen(params, prompts, hooks=[("hook_pos_embed", add_vector(vector))], **options)
+    expected = gen(shifted, prompts, **options)
+    np.testing.assert_array_equal(steered.sequences, expected.sequences)
+    assert not np.array_equal(steered.sequences, gen(params, prompts, **options).sequences)  # the hook acted
+    identity = gen(params, prompts, hooks=[("blocks.1.hook_resid_post", lambda a, ctx: a)], **options)
+    np.testing.assert_array_equal(identity.sequences, gen(params, prompts, **options).sequences)
+
+
+def test_beam_search_hook_data_is_traced(setup):
+    params, prompts = setup
+    name = "blocks.0.hook_resid_post"
+    vector = jnp.asarray(np.random.default_rng(7).standard_normal(CONFIG.n_embd), jnp.float32)
+    gen(params, prompts, num_beams=2, hooks=[(name, add_vector(vector))])
+    traces = engine.TRACE_COUNTS["beam_search"]
+    gen(params, prompts, num_beams=2, hooks=[(name, add_vector(2 * vector))])  # new data: the same program
+    assert engine.TRACE_COUNTS["beam_search"] == traces

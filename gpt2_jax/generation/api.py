@@ -53,7 +53,8 @@ def generate(
             tokens per step (greedy output equals plain greedy; sampling keeps the target's distribution).
         assistant_config: the draft model's :class:`GPT2Config` (same vocabulary and tokenizer as the target).
         hooks: ``[(name, fn), ...]`` interventions (:mod:`gpt2_jax.interp`: steering vectors, ablations) applied
-            at the prefill and at every decode step inside the compiled loop; greedy decoding and sampling only.
+            at the prefill and at every decode step inside the compiled loop, with every strategy (beam search: the
+            data must broadcast over beams; speculative decoding: in the target's passes, the draft runs unhooked).
             Their array data is traced (new values reuse the compiled program), their code is part of its identity.
         return_activations: hook names (position-major ones: residual, attention q/k/v/z/result, MLP, norms)
             whose activations are returned in ``output.activations[name] [rows, steps, ...]``: for each
@@ -75,9 +76,9 @@ def generate(
     key = request_key(request.config, key)
     cfg = request.config
     drafting = assistant_params is not None or cfg.prompt_lookup_num_tokens is not None
-    if (hooks or return_activations) and (cfg.num_beams > 1 or drafting):
-        raise ValueError("hooks= and return_activations= work with greedy decoding and sampling; not yet with beam "
-                         "search or speculative / prompt-lookup decoding")
+    if return_activations and (cfg.num_beams > 1 or drafting):
+        raise ValueError("return_activations= works with greedy decoding and sampling, not with beam search or "
+                         "speculative / prompt-lookup decoding (hooks= work with every strategy)")
     if cfg.num_beams > 1:
         if drafting:
             raise ValueError("speculative / prompt-lookup decoding does not combine with beam search (num_beams > 1)")
@@ -85,12 +86,12 @@ def generate(
             raise ValueError("stop_strings are supported with greedy decoding and sampling, not beam search")
         from .beam_search import run_beam_request
 
-        return run_beam_request(params, request, key)
+        return run_beam_request(params, request, key, hooks=hooks)
     if drafting:
         from .speculative import run_speculative_request
 
         return run_speculative_request(params, request, key, assistant_params=assistant_params,
-                                       assistant_config=assistant_config)
+                                       assistant_config=assistant_config, hooks=hooks)
     from .sampler import run_request
 
     if hooks or return_activations:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +92,7 @@ class BeamSpec:
     tuning: Tuning
     output_scores: bool = False
     output_logits: bool = False
+    hooks: Any = None  # a gpt2_jax.interp.runner.HookSpec (hook code); its data is a traced program argument
 
     @classmethod
     def from_request(cls, request: Request) -> "BeamSpec":
@@ -237,13 +239,23 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: Knobs, spec: BeamSp
     )
 
 
-def start_beams(params, input_ids, attention_mask, keys, knobs: Knobs, spec: BeamSpec) -> BeamState:
+def _hooks(spec: BeamSpec, hook_data):
+    """The hook runner of one forward pass (None without hooks)."""
+    if spec.hooks is None:
+        return None
+    from ..interp.generation import hook_runner
+
+    return hook_runner(spec.hooks, hook_data)
+
+
+def start_beams(params, input_ids, attention_mask, keys, knobs: Knobs, spec: BeamSpec, hook_data=()) -> BeamState:
     """Prefill each prompt once, repeat its cache rows for the beams and take the first beam step."""
     cfg, nb = spec.model_config, spec.num_beams
     batch = input_ids.shape[0]
     length = spec.bucket + spec.cap
     cache = KVCache.zeros(cfg, batch, length, jnp.dtype(spec.dtype))
-    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning)
+    logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning,
+                            hooks=_hooks(spec, hook_data))  # [batch, vocab]: one row per prompt
     cache = repeat_cache(cache, nb)  # [batch, ...] -> [batch * beams, ...] rows
     running = jnp.full((batch, nb, length), knobs.pad_id, jnp.int32)
     running = running.at[:, :, : spec.bucket].set(input_ids[:, None, :])
@@ -269,23 +281,24 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: Knobs, spec: Bea
     return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams, spec.tuning))
 
 
-def advance_beams(params, state: BeamState, knobs: Knobs, spec: BeamSpec) -> BeamState:
+def advance_beams(params, state: BeamState, knobs: Knobs, spec: BeamSpec, hook_data=()) -> BeamState:
     """Feed the chosen tokens, take a beam step, then move the generated cache slots to the new parent beams."""
     batch, nb, _ = state.running.shape
     last = jax.lax.dynamic_slice_in_dim(state.running, spec.bucket + state.step - 1, 1, axis=2)  # [B, N, 1]
     logits, cache = forward(params, last.reshape(batch * nb, 1), None, state.cache, spec.model_config, spec.dtype,
-                            spec.tuning)
+                            spec.tuning, hooks=_hooks(spec, hook_data))  # rows: batch * beams
     state = _beam_update(state.replace(cache=cache), logits, knobs, spec)
     return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams, spec.tuning))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "num_return_sequences"))
-def _beam_program(params, input_ids, attention_mask, keys, knobs, *, spec: BeamSpec, num_return_sequences: int):
+def _beam_program(params, input_ids, attention_mask, keys, knobs, hook_data=(), *, spec: BeamSpec,
+                  num_return_sequences: int):
     count_trace("beam_search")
-    state = start_beams(params, input_ids, attention_mask, keys, knobs, spec)
+    state = start_beams(params, input_ids, attention_mask, keys, knobs, spec, hook_data)
     state = jax.lax.while_loop(
         lambda s: s.going & (s.step < knobs.max_new_tokens),
-        lambda s: advance_beams(params, s, knobs, spec),
+        lambda s: advance_beams(params, s, knobs, spec, hook_data),
         state,
     )
     n = num_return_sequences
@@ -294,14 +307,22 @@ def _beam_program(params, input_ids, attention_mask, keys, knobs, *, spec: BeamS
             state.logits_out)
 
 
-def run_beam_request(params, request: Request, key) -> GenerationOutput:
-    """Run a checked beam-search request (``num_beams > 1``)."""
+def run_beam_request(params, request: Request, key, hooks=None) -> GenerationOutput:
+    """Run a checked beam-search request (``num_beams > 1``), with ``hooks`` (``[(name, fn), ...]``,
+    :mod:`gpt2_jax.interp`) applied at the prefill (one row per prompt) and at every step (one row per beam): hook
+    data must broadcast over the rows (a steering vector, a head mask), not hold one value per prompt."""
     cfg = request.config
     spec = BeamSpec.from_request(request)
+    hook_data = ()
+    if hooks:
+        from ..interp.generation import hook_spec_for_generation
+
+        hook_spec, hook_data, _ = hook_spec_for_generation(hooks, None, request.model_config)
+        spec = dataclasses.replace(spec, hooks=hook_spec)
     prompts = request.prompts
     sequences, scores, lengths, steps, scores_out, logits_out = _beam_program(
         program_weights(params, request.tuning), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
-        prompt_keys(key, request.batch_size), request.knobs, spec=spec,
+        prompt_keys(key, request.batch_size), request.knobs, hook_data, spec=spec,
         num_return_sequences=cfg.num_return_sequences,
     )
     lengths = np.asarray(lengths)

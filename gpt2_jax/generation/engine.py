@@ -86,6 +86,13 @@ def lm_model(config: GPT2Config, dtype: str, tuning: Tuning | None = None) -> GP
     return GPT2LMHeadModel(config, dtype=jnp.dtype(dtype), tuning=tuning)
 
 
+def hooked_model(config: GPT2Config, dtype: str, tuning: Tuning | None, hooks=None) -> GPT2LMHeadModel:
+    """:func:`lm_model`, or with ``hooks`` (a :class:`~gpt2_jax.interp.runner.HookRunner`) the model running them."""
+    if hooks is None:
+        return lm_model(config, dtype, tuning)
+    return GPT2LMHeadModel(config, dtype=jnp.dtype(dtype), tuning=tuning, hooks=hooks)
+
+
 def init_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache of ``slots`` slots for :func:`prefill` / :func:`decode_step`: the documented
     :class:`~gpt2_jax.kv_cache.KVCache` layout, keys/values ``[batch, n_head, slots, head_dim]`` per layer (one
@@ -150,9 +157,7 @@ def forward(params, input_ids: jax.Array, attention_mask: jax.Array | None, cach
     """
     tuning = tuning if tuning is not None else backend.tuning_for(params)
     variables = params.variables if isinstance(params, DecodeWeights) else {"params": params}
-    model = lm_model(config, dtype, tuning) if hooks is None else GPT2LMHeadModel(
-        config, dtype=jnp.dtype(dtype), tuning=tuning, hooks=hooks)
-    out = model.apply(
+    out = hooked_model(config, dtype, tuning, hooks).apply(
         variables, input_ids, attention_mask=attention_mask, cache=cache, logits_to_keep=1
     )
     return out.logits[:, -1].astype(jnp.float32), out.cache  # [batch, 1, vocab] -> [batch, vocab]

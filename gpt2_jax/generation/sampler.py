@@ -71,11 +71,9 @@ class SamplingState:
 
 def _runner(spec: "SamplerSpec", hook_data):
     """The hook runner of one forward pass (None without hooks or returned activations)."""
-    if spec.hooks is None and not spec.activations:
-        return None
-    from ..interp.runner import HookRunner
+    from ..interp.generation import hook_runner
 
-    return HookRunner(spec.hooks.build(hook_data) if spec.hooks is not None else (), spec.activations)
+    return hook_runner(spec.hooks, hook_data, spec.activations)
 
 
 def _write_activations(buffers: dict | None, runner, step: jax.Array) -> dict | None:

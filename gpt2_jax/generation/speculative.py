@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from ..backend import Tuning
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
-from .engine import carry_cache, count_trace, lm_model, program_weights, repeat_cache, unflatten_cache
+from .engine import carry_cache, count_trace, hooked_model, program_weights, repeat_cache, unflatten_cache
 from .logits_processors import ProcessorState, apply_processors
 from .request import GenerationOutput, Knobs, Request, prompt_keys, row_keys
 from .weight_layout import DecodeWeights
@@ -93,6 +94,7 @@ class SpecSpec:
     threshold: float  # tokens per iteration below which drafting does not pay
     tuning: Tuning
     residual: bool = True  # False: resample from p on rejection (a wrong rule, kept to show the test's power)
+    hooks: Any = None  # the target's hook code (gpt2_jax.interp.runner.HookSpec); its data is a traced argument
 
     @property
     def buffer(self) -> int:
@@ -132,11 +134,13 @@ class SpecState:
     use_draft: jax.Array
 
 
-def _forward_all(params, ids, mask, cache: KVCache, config: GPT2Config, dtype: str, tuning: Tuning, keep: int):
-    """A cached forward pass returning the logits of the last ``keep`` positions ``[rows, keep, vocab]``."""
+def _forward_all(params, ids, mask, cache: KVCache, config: GPT2Config, dtype: str, tuning: Tuning, keep: int,
+                 hooks=None):
+    """A cached forward pass returning the logits of the last ``keep`` positions ``[rows, keep, vocab]`` (with
+    ``hooks``, a :class:`~gpt2_jax.interp.runner.HookRunner`, applied: the target's passes only)."""
     variables = params.variables if isinstance(params, DecodeWeights) else {"params": params}
-    out = lm_model(config, dtype, tuning).apply(variables, ids, attention_mask=mask, cache=unflatten_cache(cache),
-                                                logits_to_keep=keep)
+    out = hooked_model(config, dtype, tuning, hooks).apply(variables, ids, attention_mask=mask,
+                                                           cache=unflatten_cache(cache), logits_to_keep=keep)
     return out.logits.astype(jnp.float32), carry_cache(out.cache, tuning)
 
 
@@ -224,7 +228,16 @@ def _draft_lookup(state: SpecState, spec: SpecSpec):
     return drafts.astype(jnp.int32), valid
 
 
-def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec) -> SpecState:
+def _target_hooks(spec: SpecSpec, hook_data):
+    """The hook runner of one target pass (None without hooks); the draft never runs hooks."""
+    if spec.hooks is None:
+        return None
+    from ..interp.generation import hook_runner
+
+    return hook_runner(spec.hooks, hook_data)
+
+
+def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hook_data=()) -> SpecState:
     """One draft-and-verify iteration."""
     k, rows = spec.k, state.n.shape[0]
     vocab = spec.model_config.vocab_size
@@ -239,7 +252,8 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec) -> 
     # Target: logits after [last, d_1 .. d_K] in one pass.
     index, before = state.cache.index, state.cache.next_position
     ids = jnp.concatenate([last[:, None], drafts], axis=1)  # [rows, K + 1]
-    logits, cache = _forward_all(params, ids, None, state.cache, spec.model_config, spec.dtype, spec.tuning, k + 1)
+    logits, cache = _forward_all(params, ids, None, state.cache, spec.model_config, spec.dtype, spec.tuning, k + 1,
+                                 _target_hooks(spec, hook_data))
     tokens, seen, processed = state.tokens, state.seen, []
     for j in range(k + 1):  # process position j with d_1 .. d_j in place
         processed.append(apply_processors(knobs.processors, logits[:, j], _view(state, knobs, spec, tokens, j, seen)))
@@ -317,10 +331,11 @@ def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs
     return state.replace(tokens=tokens, seen=seen, n=n, done=done)
 
 
-def _plain(params, state: SpecState, knobs: Knobs, spec: SpecSpec) -> SpecState:
+def _plain(params, state: SpecState, knobs: Knobs, spec: SpecSpec, hook_data=()) -> SpecState:
     """One plain decode step (after the fallback switched drafting off)."""
     last = jnp.take_along_axis(state.tokens, (spec.bucket + state.n - 1)[:, None], 1)  # [rows, 1]
-    logits, cache = _forward_all(params, last, None, state.cache, spec.model_config, spec.dtype, spec.tuning, 1)
+    logits, cache = _forward_all(params, last, None, state.cache, spec.model_config, spec.dtype, spec.tuning, 1,
+                                 _target_hooks(spec, hook_data))
     processed = apply_processors(knobs.processors, logits[:, 0], _view(state, knobs, spec, state.tokens, 0, state.seen))
     pairs = jax.vmap(jax.random.split)(state.keys)
     if spec.do_sample:
@@ -331,12 +346,12 @@ def _plain(params, state: SpecState, knobs: Knobs, spec: SpecSpec) -> SpecState:
     return state.replace(cache=cache, keys=pairs[:, 0])
 
 
-def _draft_iteration(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec) -> SpecState:
+def _draft_iteration(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hook_data=()) -> SpecState:
     """One draft-and-verify iteration plus the fallback's bookkeeping (``use_draft`` turns off for good when the
     measured tokens per iteration fall below the break-even ``spec.threshold``)."""
     before = jnp.sum(state.n)
     live = jnp.maximum(jnp.sum(~state.done), 1)
-    state = _verify(params, dparams, state, knobs, spec)
+    state = _verify(params, dparams, state, knobs, spec, hook_data)
     if not spec.fallback:
         return state.replace(iters=state.iters + 1)
     gained = (jnp.sum(state.n) - before).astype(jnp.float32) / live.astype(jnp.float32)  # tokens per live row
@@ -346,13 +361,14 @@ def _draft_iteration(params, dparams, state: SpecState, knobs: Knobs, spec: Spec
     return state.replace(iters=state.iters + 1, draft_iters=draft_iters, draft_tokens=draft_tokens, use_draft=pays)
 
 
-def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec: SpecSpec) -> SpecState:
+def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec: SpecSpec,
+           hook_data=()) -> SpecState:
     """Prefill target (and draft) and commit the target's first token."""
     cfg, n = spec.model_config, spec.num_return_sequences
     batch = input_ids.shape[0]
     cache = KVCache.zeros(cfg, batch, spec.slots, jnp.dtype(spec.dtype))
     logits, cache = _forward_all(params, input_ids, attention_mask, carry_cache(cache, spec.tuning), cfg,
-                                 spec.dtype, spec.tuning, 1)
+                                 spec.dtype, spec.tuning, 1, _target_hooks(spec, hook_data))
     draft_cache = None
     if spec.draft_config is not None:
         draft_cache = KVCache.zeros(spec.draft_config, batch, spec.slots, jnp.dtype(spec.draft_dtype))
@@ -381,15 +397,16 @@ def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec:
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _speculative_program(params, dparams, input_ids, attention_mask, keys, knobs, *, spec: SpecSpec):
+def _speculative_program(params, dparams, input_ids, attention_mask, keys, knobs, hook_data=(), *, spec: SpecSpec):
     count_trace("speculative")
-    state = _start(params, dparams, input_ids, attention_mask, keys, knobs, spec)
+    state = _start(params, dparams, input_ids, attention_mask, keys, knobs, spec, hook_data)
     # Drafting while it pays, then (after the fallback) plain decode steps: two loops, no cond in the hot path.
     state = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & s.use_draft,
-                               lambda s: _draft_iteration(params, dparams, s, knobs, spec), state)
+                               lambda s: _draft_iteration(params, dparams, s, knobs, spec, hook_data), state)
     if spec.fallback:
         state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
-                                   lambda s: _plain(params, s, knobs, spec).replace(iters=s.iters + 1), state)
+                                   lambda s: _plain(params, s, knobs, spec, hook_data).replace(iters=s.iters + 1),
+                                   state)
     return state.tokens, state.n, state.accepted, state.drafted, state.iters
 
 
@@ -425,8 +442,11 @@ def check_request(request: Request) -> None:
 
 
 def run_speculative_request(params, request: Request, key, *, assistant_params=None,
-                            assistant_config: GPT2Config | None = None, residual: bool = True) -> GenerationOutput:
-    """Run a checked speculative (``assistant_params``) or prompt-lookup request.
+                            assistant_config: GPT2Config | None = None, residual: bool = True,
+                            hooks=None) -> GenerationOutput:
+    """Run a checked speculative (``assistant_params``) or prompt-lookup request. ``hooks`` (``[(name, fn), ...]``,
+    :mod:`gpt2_jax.interp`) run in the target's passes (prefill, verification of ``[last, d_1 .. d_K]``, plain
+    steps), so greedy output equals hooked greedy decoding; the draft proposes unhooked.
 
     Raises:
         ValueError: an assistant that does not fit the target, unsupported options.
@@ -436,11 +456,18 @@ def run_speculative_request(params, request: Request, key, *, assistant_params=N
         check_assistant(request.model_config, assistant_config,
                         request.prompts.width + request.config.max_new_tokens)
     spec = make_spec(request, assistant_config, residual=residual)
+    hook_data = ()
+    if hooks:
+        from ..interp.generation import hook_spec_for_generation
+
+        hook_spec, hook_data, _ = hook_spec_for_generation(hooks, None, request.model_config)
+        spec = dataclasses.replace(spec, hooks=hook_spec)
     prompts = request.prompts
     dparams = None if assistant_params is None else program_weights(assistant_params, request.tuning)
     tokens, n, accepted, drafted, _ = _speculative_program(
         program_weights(params, request.tuning), dparams, jnp.asarray(prompts.input_ids),
-        jnp.asarray(prompts.attention_mask), prompt_keys(key, request.batch_size), request.knobs, spec=spec,
+        jnp.asarray(prompts.attention_mask), prompt_keys(key, request.batch_size), request.knobs, hook_data,
+        spec=spec,
     )
     n = np.asarray(n)
     steps = int(n.max())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import GPT2Config
 from .names import check_name
-from .runner import HookSpec, split_hooks
+from .runner import HookRunner, HookSpec, split_hooks
 
 #: Hook points without a position axis at 1 (``[batch, head, query, key]``): not returnable per generated token.
 _NOT_POSITION_MAJOR = ("hook_attn_scores", "hook_pattern")
@@ -22,3 +22,11 @@ def hook_spec_for_generation(hooks, return_activations, config: GPT2Config) -> t
             raise ValueError(f"return_activations: {name!r} is [batch, head, query, key] over the cache's slots; "
                              "return a position-major hook (e.g. attn.hook_z) instead")
     return spec, data, names
+
+
+def hook_runner(hook_spec: HookSpec | None, hook_data, activations: tuple[str, ...] = ()) -> HookRunner | None:
+    """The runner of one forward pass inside a generation program: the hooks' code from ``hook_spec`` (static),
+    their data from ``hook_data`` (traced), recording ``activations``; None when there is nothing to run."""
+    if hook_spec is None and not activations:
+        return None
+    return HookRunner(hook_spec.build(hook_data) if hook_spec is not None else (), activations)

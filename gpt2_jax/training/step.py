@@ -38,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .. import backend, precision
 from ..backend import Tuning
 from ..config import GPT2Config
-from ..layers import LORA_COLLECTION, LORA_DROPOUT_RNG, check_remat_policy, cut_gradient
+from ..layers import LORA_COLLECTION, LORA_DROPOUT_RNG, check_remat_policy, cut_gradient, rows_sharded
 from ..lora import LoraConfig, lora_variables
 from ..losses import cross_entropy
 from ..model import GPT2LMHeadModel
@@ -104,6 +104,16 @@ def _sharding_platform(*shardings) -> str | None:
                 platform = next(iter(leaf.device_set)).platform
                 return "gpu" if platform in ("cuda", "rocm") else platform
     return None
+
+
+def _splits_rows_only(batch_sharding: NamedSharding | None) -> bool:
+    """Whether the batch is split over every mesh axis of more than one device (data parallelism, FSDP): then
+    every activation is split by rows too. Tensor parallelism splits activations along features instead."""
+    if batch_sharding is None:
+        return False
+    spec = batch_sharding.spec[0] if len(batch_sharding.spec) else None
+    axes = set(spec) if isinstance(spec, tuple) else {spec} - {None}
+    return all(name in axes for name, size in batch_sharding.mesh.shape.items() if size > 1)
 
 
 def lora_train_params(base: Any, adapters: Any) -> dict:
@@ -246,8 +256,11 @@ def make_train_step(
         return loss * scale, jax.tree_util.tree_map(lambda g, p: (g * scale).astype(p.dtype), grads,
                                                     _trainable(params, lora))
 
+    rows = batch_sharding if _splits_rows_only(batch_sharding) else None
+
     def step(state: TrainState, batch: jax.Array, key: jax.Array):
-        loss, grads = loss_and_grads(state.params, batch, key)
+        with rows_sharded(rows):  # activations split by rows like the batch (FSDP / data parallel)
+            loss, grads = loss_and_grads(state.params, batch, key)
         grad_norm = global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
