@@ -164,6 +164,12 @@ def test_activation_patching_equals_the_loop(params):
         np.testing.assert_allclose(result, expected, **TOL, err_msg=f"{name} over {over}")
     chunked = activation_patching(params, TINY, clean, corrupted, metric, batch_size=3)
     np.testing.assert_allclose(chunked, activation_patching(params, TINY, clean, corrupted, metric), **TOL)
+    # logits of the final position only: the same values (the metric sees [batch, 1, vocab])
+    last = activation_patching(params, TINY, clean, corrupted, metric, logits_to_keep=1)
+    np.testing.assert_allclose(last, activation_patching(params, TINY, clean, corrupted, metric), **TOL)
+    assert attribution_patching(params, TINY, clean, corrupted, metric, logits_to_keep=1).shape == last.shape
+    with pytest.raises(ValueError, match=r"logits_to_keep must be an int in \[0, 5\]"):
+        activation_patching(params, TINY, clean, corrupted, metric, logits_to_keep=6)
 
 
 def test_attribution_patching_equals_its_formula(params):

@@ -28,12 +28,13 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 def hooked_apply(params, config: GPT2Config, runner: HookRunner, input_ids, attention_mask=None, position_ids=None,
-                 *, dtype=None, tuning: Tuning | None = None) -> jax.Array:
-    """One forward pass of the LM with ``runner`` at every hook point: ``logits [batch, T, vocab]``."""
+                 *, dtype=None, tuning: Tuning | None = None, logits_to_keep: int = 0) -> jax.Array:
+    """One forward pass of the LM with ``runner`` at every hook point: ``logits [batch, T, vocab]`` (``[batch,
+    logits_to_keep, vocab]``, the last positions only, when it is positive)."""
     dtype = jnp.dtype(dtype) if dtype is not None else params["wte"]["embedding"].dtype
     model = GPT2LMHeadModel(config, dtype=dtype, tuning=tuning, hooks=runner)
     return model.apply({"params": params}, input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids).logits
+                       position_ids=position_ids, logits_to_keep=logits_to_keep).logits
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "record", "tuning", "loss_fn", "grad_names"))
