@@ -6,7 +6,15 @@ Cases (random weights, batch 1, greedy, ``--new-tokens`` tokens, ``--k`` draft t
   case, where the fallback must stop drafting);
 * ``agree~X``: a target built to agree with the draft: the draft's weights plus ``--extra-layers`` random blocks
   whose output projections are scaled by ``s`` (:func:`gpt2_jax.generation.speculative.extend_with_layers`);
-  ``s`` is searched (bisection on the measured acceptance) to land near each ``--acceptance`` target.
+  ``s`` is searched (bisection on the measured acceptance) to land near each ``--acceptance`` target. By default
+  as many blocks are added as make the agreeing target stream as many weights per step as ``--target`` (gpt2 +
+  92 blocks ~ gpt2-large), so the draft / target cost ratio is the real pair's: with too few blocks the draft is
+  nearly as costly as the target and drafting cannot pay at any acceptance.
+
+Next to each measurement the cost model prints its prediction: ``E / (K c + v)`` with ``E = (1 - a^(K+1)) /
+(1 - a)`` tokens per iteration at acceptance ``a``, ``c`` the draft's plain decode time per token over the
+target's (both measured in this run) and ``v = 1``: verifying ``K + 1`` tokens costs one memory-bound target pass
+(on a CPU the K + 1 tokens' compute shows: the measured speedup falls short of the model by that much).
 
 Each timing is the median of ``--runs`` full ``generate`` calls after a compile call (compile excluded). The
 machine is shared: read the ratios, and the load average printed with them. Defaults are the issue's gpt2-large
@@ -85,7 +93,9 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--extra-layers", type=int, default=24, help="blocks added on the draft for the agreeing targets")
+    p.add_argument("--extra-layers", type=int, default=None,
+                   help="blocks added on the draft for the agreeing targets (default: as many as match --target's "
+                        "weights per step)")
     p.add_argument("--acceptance", default="0.5,0.8", help="acceptance rates to aim the agreeing targets at")
     p.add_argument("--search-steps", type=int, default=6)
     p.add_argument("--search-tokens", type=int, default=48)
@@ -103,6 +113,25 @@ def main() -> None:
     draft = init_params(jax.random.PRNGKey(0), draft_cfg)
     ids = np.random.RandomState(0).randint(0, draft_cfg.vocab_size, (1, args.prompt_len))
     rows = []
+    from gpt2_jax.generation.speculative import param_count
+
+    target_cfg = config_for(args.target)
+    if args.extra_layers is None:
+        block = param_count(draft_cfg.replace(n_layer=2)) - param_count(draft_cfg.replace(n_layer=1))
+        args.extra_layers = max(1, round((param_count(target_cfg) - param_count(draft_cfg)) / block))
+    agree_cfg = draft_cfg.replace(n_layer=draft_cfg.n_layer + args.extra_layers)
+    print(f"# agreeing targets: the draft + {args.extra_layers} blocks = {agree_cfg.n_layer} layers, "
+          f"{param_count(agree_cfg) / 1e6:.0f}M weights per step ({args.target}: {param_count(target_cfg) / 1e6:.0f}M; "
+          f"draft: {param_count(draft_cfg) / 1e6:.0f}M)")
+
+    draft_s, _ = timed(draft, draft_cfg, ids, args.new_tokens, args.runs)  # the draft decoding alone
+    print(f"# the draft alone: {draft_s:.2f} s for {args.new_tokens} tokens", flush=True)
+
+    def predicted(rate: float, plain_s: float) -> float:
+        """The cost model's speedup at acceptance ``rate`` (module docstring)."""
+        c = draft_s / plain_s
+        tokens = args.k + 1 if rate >= 1 else (1 - rate ** (args.k + 1)) / (1 - rate)
+        return tokens / (args.k * c + 1)
 
     def case(name, target, cfg):
         t0 = time.perf_counter()
@@ -113,11 +142,11 @@ def main() -> None:
         rows.append((name, spec.acceptance_rate, plain_s, spec_s, plain_s / spec_s, same))
         print(f"{name:>14}: acceptance {spec.acceptance_rate:.2f} ({int(spec.num_accepted.sum())}/"
               f"{int(spec.num_drafted.sum())}), plain {plain_s:.2f} s, speculative {spec_s:.2f} s, "
-              f"speedup {plain_s / spec_s:.2f}x, tokens equal: {same}  [{time.perf_counter() - t0:.0f} s, "
+              f"speedup {plain_s / spec_s:.2f}x (cost model {predicted(spec.acceptance_rate, plain_s):.2f}x), "
+              f"tokens equal: {same}  [{time.perf_counter() - t0:.0f} s, "
               f"load {os.getloadavg()[0]:.1f}]", flush=True)
 
     if not args.skip_independent:
-        target_cfg = config_for(args.target)
         case("independent", init_params(jax.random.PRNGKey(1), target_cfg), target_cfg)
     for goal in (float(g) for g in args.acceptance.split(",") if g):
         scale, target, cfg, rate = find_scale(draft, draft_cfg, args.extra_layers, goal, ids, args)

@@ -224,3 +224,23 @@ def test_prompt_lookup_sampling_preserves_the_target_distribution(small_models):
     tokens, out = _sampled(target, None, residual=True, lookup=True)
     assert out.num_accepted.sum() > 0
     assert chi_square_p(joint_index(tokens, SMALL.vocab_size), probs) > 1e-6
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_speculative_scores_equal_plain_scores(lookup):
+    """output_scores / output_logits: for each generated token, the target's processed / raw logits that chose it,
+    as plain decoding gives them (one K + 1-token pass vs one-token passes: float32 round-off apart)."""
+    target, cfg, draft, draft_cfg = pair("agreeing")
+    ids, mask = ragged()
+    kwargs = dict(max_new_tokens=9, eos_token_id=(), repetition_penalty=1.3, output_scores=True, output_logits=True)
+    plain = generate(target, ids, mask, model_config=cfg, **kwargs)
+    drafting = dict(prompt_lookup_num_tokens=2) if lookup else dict(assistant_params=draft,
+                                                                    assistant_config=draft_cfg, num_assistant_tokens=3)
+    spec = generate(target, ids, mask, model_config=cfg, assistant_fallback=False, **drafting, **kwargs)
+    np.testing.assert_array_equal(spec.sequences, plain.sequences)
+    assert spec.scores.shape == plain.scores.shape == (4, 9, cfg.vocab_size)
+    np.testing.assert_allclose(spec.scores, plain.scores, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(spec.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(spec.scores, spec.logits)  # the penalty processed them
+    if not lookup:
+        assert spec.num_accepted.sum() > 0  # several tokens per pass were committed with their own scores

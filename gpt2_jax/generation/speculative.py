@@ -94,6 +94,8 @@ class SpecSpec:
     threshold: float  # tokens per iteration below which drafting does not pay
     tuning: Tuning
     residual: bool = True  # False: resample from p on rejection (a wrong rule, kept to show the test's power)
+    output_scores: bool = False  # keep the processed target logits of every committed token
+    output_logits: bool = False  # keep the raw target logits of every committed token
     hooks: Any = None  # the target's hook code (gpt2_jax.interp.runner.HookSpec); its data is a traced argument
 
     @property
@@ -112,6 +114,8 @@ class SpecState:
         pending: ``[rows]`` the last draft token when all K were accepted (the draft has not consumed it yet).
         pending_ok: ``[rows]`` bool, ``pending`` is to be fed first next iteration.
         keys: ``[rows]`` PRNG keys. seen: ``[rows, vocab]`` ids in the row.
+        scores, raw_logits: ``[rows, cap, vocab]`` (``output_scores`` / ``output_logits``): for generated token i,
+        the target's processed / raw logits that chose it (None when not asked for).
         accepted, drafted: ``[rows]`` accepted / proposed draft tokens. iters, draft_iters, draft_tokens: counters
         of the fallback. use_draft: ``[]`` bool, still drafting.
     """
@@ -132,6 +136,8 @@ class SpecState:
     draft_iters: jax.Array
     draft_tokens: jax.Array
     use_draft: jax.Array
+    scores: jax.Array | None = None  # [rows, cap, vocab] processed target logits of each committed token
+    raw_logits: jax.Array | None = None  # [rows, cap, vocab] raw target logits of each committed token
 
 
 def _forward_all(params, ids, mask, cache: KVCache, config: GPT2Config, dtype: str, tuning: Tuning, keep: int,
@@ -288,7 +294,7 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hoo
     emitted = jnp.concatenate([drafts, jnp.zeros((rows, 1), jnp.int32)], axis=1)  # [rows, K + 1]
     emitted = emitted.at[jnp.arange(rows), n_acc].set(bonus)
     was_done = state.done  # rows finished before this iteration count no drafts
-    state = _commit(state, emitted, n_acc + 1, knobs, spec)
+    state = _commit(state, emitted, n_acc + 1, knobs, spec, p, logits)  # emitted j was chosen from p[:, j]
     # Target cache: keep [last, d_1 .. d_n] of each row; the rest of the K + 1 slots become holes.
     kept = n_acc + 1
     slot_valid = jnp.arange(k + 1)[None, :] < kept[:, None]
@@ -312,9 +318,11 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hoo
     )
 
 
-def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs, spec: SpecSpec) -> SpecState:
+def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs, spec: SpecSpec,
+            processed: jax.Array | None = None, raw: jax.Array | None = None) -> SpecState:
     """Write up to ``count [rows]`` of ``emitted [rows, T]`` after each row's tokens, stopping at eos and the
-    budget; rows already done write nothing."""
+    budget; rows already done write nothing. ``processed`` / ``raw`` ``[rows, T, vocab]``: the target logits that
+    chose each emitted token, kept in ``state.scores`` / ``state.raw_logits`` when those are tracked."""
     vocab = spec.model_config.vocab_size
     is_eos = jnp.zeros((vocab,), bool).at[knobs.eos_ids].set(True)[emitted]  # [rows, T]
     t = jnp.arange(emitted.shape[1])[None, :]
@@ -326,9 +334,15 @@ def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs
     slots = jnp.where(write, spec.bucket + state.n[:, None] + t, state.tokens.shape[1])  # unwritten: dropped
     tokens = state.tokens.at[rows, slots].set(emitted, mode="drop")
     seen = state.seen.at[rows, jnp.where(write, emitted, vocab)].set(True, mode="drop")
+    extra = {}
+    steps = jnp.where(write, state.n[:, None] + t, spec.cap)  # generated index of each write; cap: dropped
+    for field, values in (("scores", processed), ("raw_logits", raw)):
+        buffer = getattr(state, field)
+        if buffer is not None:  # [rows, cap, vocab]
+            extra[field] = buffer.at[rows, steps].set(values.astype(buffer.dtype), mode="drop")
     n = state.n + count
     done = state.done | (first_eos < count) | (n >= knobs.max_new_tokens)
-    return state.replace(tokens=tokens, seen=seen, n=n, done=done)
+    return state.replace(tokens=tokens, seen=seen, n=n, done=done, **extra)
 
 
 def _plain(params, state: SpecState, knobs: Knobs, spec: SpecSpec, hook_data=()) -> SpecState:
@@ -342,7 +356,7 @@ def _plain(params, state: SpecState, knobs: Knobs, spec: SpecSpec, hook_data=())
         token = jax.vmap(processors.sample)(pairs[:, 1], processed).astype(jnp.int32)
     else:
         token = jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    state = _commit(state, token[:, None], jnp.ones_like(state.n), knobs, spec)
+    state = _commit(state, token[:, None], jnp.ones_like(state.n), knobs, spec, processed[:, None], logits)
     return state.replace(cache=cache, keys=pairs[:, 0])
 
 
@@ -389,11 +403,14 @@ def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec:
         drafted=jnp.zeros((rows,), jnp.int32), iters=jnp.zeros((), jnp.int32),
         draft_iters=jnp.zeros((), jnp.int32), draft_tokens=jnp.zeros((), jnp.float32),
         use_draft=jnp.asarray(not spec.fallback or spec.threshold <= spec.k + 1),  # can drafting ever pay?
+        scores=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_scores else None,
+        raw_logits=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_logits else None,
     )
     processed = apply_processors(knobs.processors, logits[:, 0], _view(state, knobs, spec, tokens, 0, state.seen))
     pairs = jax.vmap(jax.random.split)(state.keys)
     token = _choose(processed, pairs[:, 1], spec.do_sample)
-    return _commit(state, token[:, None], jnp.ones((rows,), jnp.int32), knobs, spec).replace(keys=pairs[:, 0])
+    return _commit(state, token[:, None], jnp.ones((rows,), jnp.int32), knobs, spec, processed[:, None],
+                   logits).replace(keys=pairs[:, 0])
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -407,7 +424,7 @@ def _speculative_program(params, dparams, input_ids, attention_mask, keys, knobs
         state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
                                    lambda s: _plain(params, s, knobs, spec, hook_data).replace(iters=s.iters + 1),
                                    state)
-    return state.tokens, state.n, state.accepted, state.drafted, state.iters
+    return state.tokens, state.n, state.accepted, state.drafted, state.iters, state.scores, state.raw_logits
 
 
 def make_spec(request: Request, assistant_config: GPT2Config | None, assistant_params=None, *,
@@ -427,13 +444,14 @@ def make_spec(request: Request, assistant_config: GPT2Config | None, assistant_p
         draft_dtype=draft_dtype, bucket=bucket, cap=cap, slots=slots, k=k, ngram=c.max_matching_ngram_size,
         num_return_sequences=c.num_return_sequences, do_sample=c.do_sample, fallback=c.assistant_fallback,
         threshold=VERIFY_OVERHEAD + k * ratio, tuning=request.tuning, residual=residual,
+        output_scores=c.output_scores, output_logits=c.output_logits,
     )
 
 
 def check_request(request: Request) -> None:
     """Reject what speculative decoding does not support (before compiling)."""
     c = request.config
-    unsupported = [name for name in ("return_logprobs", "output_scores", "output_logits") if getattr(c, name)]
+    unsupported = [name for name in ("return_logprobs",) if getattr(c, name)]
     if c.stop_strings is not None:
         unsupported.append("stop_strings")
     if unsupported:
@@ -464,7 +482,7 @@ def run_speculative_request(params, request: Request, key, *, assistant_params=N
         spec = dataclasses.replace(spec, hooks=hook_spec)
     prompts = request.prompts
     dparams = None if assistant_params is None else program_weights(assistant_params, request.tuning)
-    tokens, n, accepted, drafted, _ = _speculative_program(
+    tokens, n, accepted, drafted, _, scores, raw = _speculative_program(
         program_weights(params, request.tuning), dparams, jnp.asarray(prompts.input_ids),
         jnp.asarray(prompts.attention_mask), prompt_keys(key, request.batch_size), request.knobs, hook_data,
         spec=spec,
@@ -473,7 +491,9 @@ def run_speculative_request(params, request: Request, key, *, assistant_params=N
     steps = int(n.max())
     tokens = np.asarray(tokens)[:, prompts.bucket - prompts.width : prompts.bucket + steps]
     return GenerationOutput(sequences=tokens, prompt_width=prompts.width, num_new_tokens=n,
-                            num_accepted=np.asarray(accepted), num_drafted=np.asarray(drafted))
+                            num_accepted=np.asarray(accepted), num_drafted=np.asarray(drafted),
+                            scores=None if scores is None else np.asarray(scores)[:, :steps],
+                            logits=None if raw is None else np.asarray(raw)[:, :steps])
 
 
 def extend_with_layers(params, config: GPT2Config, extra_layers: int, scale: float, key) -> tuple:
