@@ -146,3 +146,18 @@ def test_cli_prompt_lookup_and_assistant_give_the_greedy_text(checkpoint, capsys
     assert capsys.readouterr().out == greedy
     assert main(args + ["--assistant-model", str(checkpoint), "--num-assistant-tokens", "3"]) == 0
     assert capsys.readouterr().out == greedy
+
+
+def test_cli_drafting_takes_scores_and_stop(checkpoint, capsys, tmp_path):
+    """--scores and --stop with --prompt-lookup / --assistant-model: the plain greedy text and scores."""
+    import numpy as np
+
+    args = ["generate", "one two one two one two", "--model", str(checkpoint), "--max-new-tokens", "6", "--greedy",
+            "--stop", "zzz"]
+    assert main(args + ["--scores", str(tmp_path / "plain.npy")]) == 0
+    plain = capsys.readouterr().out
+    for i, extra in enumerate((["--prompt-lookup", "3"], ["--assistant-model", str(checkpoint)])):
+        path = tmp_path / f"drafted{i}.npy"
+        assert main(args + extra + ["--scores", str(path)]) == 0
+        assert capsys.readouterr().out == plain
+        np.testing.assert_allclose(np.load(path), np.load(tmp_path / "plain.npy"), rtol=1e-5, atol=1e-5)

@@ -244,3 +244,28 @@ def test_speculative_scores_equal_plain_scores(lookup):
     assert not np.allclose(spec.scores, spec.logits)  # the penalty processed them
     if not lookup:
         assert spec.num_accepted.sum() > 0  # several tokens per pass were committed with their own scores
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_speculative_stop_strings_equal_plain_stop_strings(lookup):
+    """Stop strings (matched across token boundaries) cut a row inside a verification pass at the first committed
+    token that completes one, as plain decoding does token by token."""
+    from test_generation_processor_objects import tiny_hf_tokenizer
+
+    hf_tok, pieces = tiny_hf_tokenizer()
+    target, cfg, draft, draft_cfg = pair("agreeing")
+    ids, mask = ragged()
+    kwargs = dict(max_new_tokens=12, eos_token_id=(), tokenizer=hf_tok)
+    free = generate(target, ids, mask, model_config=cfg, **kwargs)
+    new = free.new_tokens()
+    # a string spanning generated tokens 3-4 of row 0 and one ending inside token 6 of row 2
+    stops = [(pieces[new[0][3]][-1:] + pieces[new[0][4]]).decode("latin-1"),
+             (pieces[new[2][5]] + pieces[new[2][6]][:1]).decode("latin-1")]
+    plain = generate(target, ids, mask, model_config=cfg, stop_strings=stops, **kwargs)
+    assert plain.num_new_tokens.min() < 12  # some row really stopped
+    drafting = dict(prompt_lookup_num_tokens=3) if lookup else dict(assistant_params=draft,
+                                                                    assistant_config=draft_cfg, num_assistant_tokens=4)
+    spec = generate(target, ids, mask, model_config=cfg, stop_strings=stops, assistant_fallback=False, **drafting,
+                    **kwargs)
+    np.testing.assert_array_equal(spec.sequences, plain.sequences)
+    np.testing.assert_array_equal(spec.num_new_tokens, plain.num_new_tokens)

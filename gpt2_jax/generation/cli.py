@@ -158,15 +158,17 @@ def _check_precision_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
 
 
-def _generate_with_scores(args: argparse.Namespace, model, config, key) -> None:
-    """Generate, print the texts and save the processed scores of every step to ``args.scores`` (.npy)."""
+def _generate_with_scores(args: argparse.Namespace, model, config, key, assistant=None) -> None:
+    """Generate (speculatively with a loaded ``assistant``), print the texts and save the processed scores of every
+    step to ``args.scores`` (.npy)."""
     import numpy as np
 
     from .api import generate
 
     tok = model.tokenizer
+    drafting = {} if assistant is None else dict(assistant_params=assistant.params, assistant_config=assistant.config)
     out = generate(model.params, [tok.encode(args.prompt)], key=key if config.do_sample else None, config=config,
-                   model_config=model.config, tokenizer=tok)
+                   model_config=model.config, tokenizer=tok, **drafting)
     rows = out.new_tokens()
     for i, row in enumerate(rows):
         if len(rows) > 1:
@@ -184,9 +186,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--stream works with one sequence and no beam search")
     assistant_path = getattr(args, "assistant_model", None)
     drafting = assistant_path is not None or config.prompt_lookup_num_tokens is not None
-    if drafting and (args.stream or config.num_beams > 1 or config.output_scores or config.stop_strings):
-        raise ValueError("--assistant-model / --prompt-lookup do not combine with --stream, --num-beams > 1, "
-                         "--scores or --stop")
+    if drafting and (args.stream or config.num_beams > 1):
+        raise ValueError("--assistant-model / --prompt-lookup do not combine with --stream or --num-beams > 1")
     if assistant_path is not None and config.prompt_lookup_num_tokens is not None:
         raise ValueError("--assistant-model and --prompt-lookup are two kinds of drafting: pick one")
     if args.stream and (config.output_scores or config.stop_strings):
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     elif config.output_scores:
-        _generate_with_scores(args, model, config, key)
+        _generate_with_scores(args, model, config, key, assistant)
     else:
         texts = generate_text(args.prompt, model, config, key=key, return_full_text=True, assistant=assistant)
         texts = [texts] if isinstance(texts, str) else texts

@@ -320,8 +320,8 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hoo
 
 def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs, spec: SpecSpec,
             processed: jax.Array | None = None, raw: jax.Array | None = None) -> SpecState:
-    """Write up to ``count [rows]`` of ``emitted [rows, T]`` after each row's tokens, stopping at eos and the
-    budget; rows already done write nothing. ``processed`` / ``raw`` ``[rows, T, vocab]``: the target logits that
+    """Write up to ``count [rows]`` of ``emitted [rows, T]`` after each row's tokens, stopping at eos, at a stop
+    string and at the budget; rows already done write nothing. ``processed`` / ``raw`` ``[rows, T, vocab]``: the target logits that
     chose each emitted token, kept in ``state.scores`` / ``state.raw_logits`` when those are tracked."""
     vocab = spec.model_config.vocab_size
     is_eos = jnp.zeros((vocab,), bool).at[knobs.eos_ids].set(True)[emitted]  # [rows, T]
@@ -329,10 +329,22 @@ def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs
     first_eos = jnp.min(jnp.where(is_eos & (t < count[:, None]), t, emitted.shape[1]), axis=1)
     count = jnp.minimum(jnp.minimum(count, first_eos + 1), knobs.max_new_tokens - state.n)
     count = jnp.where(state.done, 0, count)
-    write = t < count[:, None]
     rows = jnp.arange(emitted.shape[0])[:, None]
-    slots = jnp.where(write, spec.bucket + state.n[:, None] + t, state.tokens.shape[1])  # unwritten: dropped
-    tokens = state.tokens.at[rows, slots].set(emitted, mode="drop")
+
+    def written(count):  # the token buffer with the first ``count [rows]`` emitted tokens of each row written
+        slots = jnp.where(t < count[:, None], spec.bucket + state.n[:, None] + t, state.tokens.shape[1])
+        return state.tokens.at[rows, slots].set(emitted, mode="drop")  # unwritten slots dropped
+
+    stopped = jnp.zeros_like(state.done)
+    if knobs.stop is not None:  # stop strings: a row ends with the first committed token that completes one
+        tentative = written(count)
+        hits = jnp.stack([knobs.stop.matches(tentative, state.start, spec.bucket + state.n + j + 1)
+                          for j in range(emitted.shape[1])], axis=1) & (t < count[:, None])  # [rows, T]
+        first_stop = jnp.min(jnp.where(hits, t, emitted.shape[1]), axis=1)
+        stopped = first_stop < count
+        count = jnp.minimum(count, first_stop + 1)
+    write = t < count[:, None]
+    tokens = written(count)
     seen = state.seen.at[rows, jnp.where(write, emitted, vocab)].set(True, mode="drop")
     extra = {}
     steps = jnp.where(write, state.n[:, None] + t, spec.cap)  # generated index of each write; cap: dropped
@@ -341,7 +353,7 @@ def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs
         if buffer is not None:  # [rows, cap, vocab]
             extra[field] = buffer.at[rows, steps].set(values.astype(buffer.dtype), mode="drop")
     n = state.n + count
-    done = state.done | (first_eos < count) | (n >= knobs.max_new_tokens)
+    done = state.done | (first_eos < count) | stopped | (n >= knobs.max_new_tokens)
     return state.replace(tokens=tokens, seen=seen, n=n, done=done, **extra)
 
 
@@ -452,8 +464,6 @@ def check_request(request: Request) -> None:
     """Reject what speculative decoding does not support (before compiling)."""
     c = request.config
     unsupported = [name for name in ("return_logprobs",) if getattr(c, name)]
-    if c.stop_strings is not None:
-        unsupported.append("stop_strings")
     if unsupported:
         raise ValueError(f"speculative / prompt-lookup decoding does not support {', '.join(unsupported)} yet; "
                          "drop them or decode without a draft")
