@@ -228,11 +228,13 @@ def test_prompt_lookup_sampling_preserves_the_target_distribution(small_models):
 
 @pytest.mark.parametrize("lookup", [False, True])
 def test_speculative_scores_equal_plain_scores(lookup):
-    """output_scores / output_logits: for each generated token, the target's processed / raw logits that chose it,
-    as plain decoding gives them (one K + 1-token pass vs one-token passes: float32 round-off apart)."""
+    """output_scores / output_logits / return_logprobs: for each generated token, the target's processed / raw
+    logits that chose it and its log-probability, as plain decoding gives them (one K + 1-token pass vs one-token
+    passes: float32 round-off apart)."""
     target, cfg, draft, draft_cfg = pair("agreeing")
     ids, mask = ragged()
-    kwargs = dict(max_new_tokens=9, eos_token_id=(), repetition_penalty=1.3, output_scores=True, output_logits=True)
+    kwargs = dict(max_new_tokens=9, eos_token_id=(), repetition_penalty=1.3, output_scores=True, output_logits=True,
+                  return_logprobs=True)
     plain = generate(target, ids, mask, model_config=cfg, **kwargs)
     drafting = dict(prompt_lookup_num_tokens=2) if lookup else dict(assistant_params=draft,
                                                                     assistant_config=draft_cfg, num_assistant_tokens=3)
@@ -241,6 +243,7 @@ def test_speculative_scores_equal_plain_scores(lookup):
     assert spec.scores.shape == plain.scores.shape == (4, 9, cfg.vocab_size)
     np.testing.assert_allclose(spec.scores, plain.scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(spec.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(spec.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
     assert not np.allclose(spec.scores, spec.logits)  # the penalty processed them
     if not lookup:
         assert spec.num_accepted.sum() > 0  # several tokens per pass were committed with their own scores

@@ -96,6 +96,7 @@ class SpecSpec:
     residual: bool = True  # False: resample from p on rejection (a wrong rule, kept to show the test's power)
     output_scores: bool = False  # keep the processed target logits of every committed token
     output_logits: bool = False  # keep the raw target logits of every committed token
+    return_logprobs: bool = False  # keep the log-probability of every committed token under the processed logits
     hooks: Any = None  # the target's hook code (gpt2_jax.interp.runner.HookSpec); its data is a traced argument
 
     @property
@@ -115,7 +116,8 @@ class SpecState:
         pending_ok: ``[rows]`` bool, ``pending`` is to be fed first next iteration.
         keys: ``[rows]`` PRNG keys. seen: ``[rows, vocab]`` ids in the row.
         scores, raw_logits: ``[rows, cap, vocab]`` (``output_scores`` / ``output_logits``): for generated token i,
-        the target's processed / raw logits that chose it (None when not asked for).
+        the target's processed / raw logits that chose it (None when not asked for). logprobs: ``[rows, cap]`` the
+        log-probability of generated token i under those processed logits (``return_logprobs``; 0 after the end).
         accepted, drafted: ``[rows]`` accepted / proposed draft tokens. iters, draft_iters, draft_tokens: counters
         of the fallback. use_draft: ``[]`` bool, still drafting.
     """
@@ -138,6 +140,7 @@ class SpecState:
     use_draft: jax.Array
     scores: jax.Array | None = None  # [rows, cap, vocab] processed target logits of each committed token
     raw_logits: jax.Array | None = None  # [rows, cap, vocab] raw target logits of each committed token
+    logprobs: jax.Array | None = None  # [rows, cap] log-probability of each committed token (processed logits)
 
 
 def _forward_all(params, ids, mask, cache: KVCache, config: GPT2Config, dtype: str, tuning: Tuning, keep: int,
@@ -348,7 +351,10 @@ def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs
     seen = state.seen.at[rows, jnp.where(write, emitted, vocab)].set(True, mode="drop")
     extra = {}
     steps = jnp.where(write, state.n[:, None] + t, spec.cap)  # generated index of each write; cap: dropped
-    for field, values in (("scores", processed), ("raw_logits", raw)):
+    picked = None
+    if state.logprobs is not None:  # [rows, T]: each emitted token's log-probability under its processed logits
+        picked = jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), emitted[..., None], axis=-1)[..., 0]
+    for field, values in (("scores", processed), ("raw_logits", raw), ("logprobs", picked)):
         buffer = getattr(state, field)
         if buffer is not None:  # [rows, cap, vocab]
             extra[field] = buffer.at[rows, steps].set(values.astype(buffer.dtype), mode="drop")
@@ -417,6 +423,7 @@ def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec:
         use_draft=jnp.asarray(not spec.fallback or spec.threshold <= spec.k + 1),  # can drafting ever pay?
         scores=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_scores else None,
         raw_logits=jnp.zeros((rows, spec.cap, cfg.vocab_size), jnp.float32) if spec.output_logits else None,
+        logprobs=jnp.zeros((rows, spec.cap), jnp.float32) if spec.return_logprobs else None,
     )
     processed = apply_processors(knobs.processors, logits[:, 0], _view(state, knobs, spec, tokens, 0, state.seen))
     pairs = jax.vmap(jax.random.split)(state.keys)
@@ -436,7 +443,8 @@ def _speculative_program(params, dparams, input_ids, attention_mask, keys, knobs
         state = jax.lax.while_loop(lambda s: ~jnp.all(s.done),
                                    lambda s: _plain(params, s, knobs, spec, hook_data).replace(iters=s.iters + 1),
                                    state)
-    return state.tokens, state.n, state.accepted, state.drafted, state.iters, state.scores, state.raw_logits
+    return (state.tokens, state.n, state.accepted, state.drafted, state.iters, state.scores, state.raw_logits,
+            state.logprobs)
 
 
 def make_spec(request: Request, assistant_config: GPT2Config | None, assistant_params=None, *,
@@ -456,17 +464,8 @@ def make_spec(request: Request, assistant_config: GPT2Config | None, assistant_p
         draft_dtype=draft_dtype, bucket=bucket, cap=cap, slots=slots, k=k, ngram=c.max_matching_ngram_size,
         num_return_sequences=c.num_return_sequences, do_sample=c.do_sample, fallback=c.assistant_fallback,
         threshold=VERIFY_OVERHEAD + k * ratio, tuning=request.tuning, residual=residual,
-        output_scores=c.output_scores, output_logits=c.output_logits,
+        output_scores=c.output_scores, output_logits=c.output_logits, return_logprobs=c.return_logprobs,
     )
-
-
-def check_request(request: Request) -> None:
-    """Reject what speculative decoding does not support (before compiling)."""
-    c = request.config
-    unsupported = [name for name in ("return_logprobs",) if getattr(c, name)]
-    if unsupported:
-        raise ValueError(f"speculative / prompt-lookup decoding does not support {', '.join(unsupported)} yet; "
-                         "drop them or decode without a draft")
 
 
 def run_speculative_request(params, request: Request, key, *, assistant_params=None,
@@ -477,9 +476,8 @@ def run_speculative_request(params, request: Request, key, *, assistant_params=N
     steps), so greedy output equals hooked greedy decoding; the draft proposes unhooked.
 
     Raises:
-        ValueError: an assistant that does not fit the target, unsupported options.
+        ValueError: an assistant that does not fit the target.
     """
-    check_request(request)
     if assistant_config is not None:
         check_assistant(request.model_config, assistant_config,
                         request.prompts.width + request.config.max_new_tokens)
@@ -492,7 +490,7 @@ def run_speculative_request(params, request: Request, key, *, assistant_params=N
         spec = dataclasses.replace(spec, hooks=hook_spec)
     prompts = request.prompts
     dparams = None if assistant_params is None else program_weights(assistant_params, request.tuning)
-    tokens, n, accepted, drafted, _, scores, raw = _speculative_program(
+    tokens, n, accepted, drafted, _, scores, raw, logprobs = _speculative_program(
         program_weights(params, request.tuning), dparams, jnp.asarray(prompts.input_ids),
         jnp.asarray(prompts.attention_mask), prompt_keys(key, request.batch_size), request.knobs, hook_data,
         spec=spec,
@@ -502,6 +500,7 @@ def run_speculative_request(params, request: Request, key, *, assistant_params=N
     tokens = np.asarray(tokens)[:, prompts.bucket - prompts.width : prompts.bucket + steps]
     return GenerationOutput(sequences=tokens, prompt_width=prompts.width, num_new_tokens=n,
                             num_accepted=np.asarray(accepted), num_drafted=np.asarray(drafted),
+                            logprobs=None if logprobs is None else np.asarray(logprobs)[:, :steps],
                             scores=None if scores is None else np.asarray(scores)[:, :steps],
                             logits=None if raw is None else np.asarray(raw)[:, :steps])
 
