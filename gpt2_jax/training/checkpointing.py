@@ -178,8 +178,22 @@ class _DropOrbaxErrors(logging.Filter):
 
 # A traceback tensorstore's C++ completion callbacks print (straight to the stderr file descriptor, not through
 # sys.excepthook) when they call ``loop.call_soon_threadsafe`` on orbax's event loop after a failed write closed it.
-_EVENT_LOOP_CLOSED = re.compile(r"Traceback \(most recent call last\):\n(?:[ \t].*\n)*"
-                                r"RuntimeError: Event loop is closed\n")
+# Several threads print at once, so the tracebacks arrive interleaved, even within a line: they are removed piece by
+# piece (each piece is one of the lines such a traceback consists of), then the lines left blank.
+_EVENT_LOOP_CLOSED_PIECES = re.compile(
+    r"Traceback \(most recent call last\):"
+    r"|File \"[^\"\n]*base_events\.py\", line \d+, in (?:call_soon_threadsafe|_check_closed)"
+    r"|self\._check_closed\(\)"
+    r"|raise RuntimeError\('Event loop is closed'\)"
+    r"|RuntimeError: Event loop is closed")
+
+
+def drop_event_loop_closed(text: str) -> str:
+    """``text`` without the (possibly interleaved) "Event loop is closed" tracebacks; unchanged when it has none."""
+    if "Event loop is closed" not in text:
+        return text
+    kept = [line for line in _EVENT_LOOP_CLOSED_PIECES.sub("", text).splitlines(keepends=True) if line.strip()]
+    return "".join(kept)
 
 
 @contextlib.contextmanager
@@ -196,7 +210,7 @@ def _quiet_orbax():
     for logger in loggers:
         logger.addFilter(quiet)
     try:
-        with _filtered_stderr_fd(_EVENT_LOOP_CLOSED):
+        with _filtered_stderr_fd(drop_event_loop_closed):
             yield
     finally:
         for logger in loggers:
@@ -204,8 +218,8 @@ def _quiet_orbax():
 
 
 @contextlib.contextmanager
-def _filtered_stderr_fd(pattern: re.Pattern):
-    """Collect what is written to file descriptor 2 meanwhile, drop the matches of ``pattern``, pass on the rest."""
+def _filtered_stderr_fd(clean):
+    """Collect what is written to file descriptor 2 meanwhile and pass on ``clean(text)``."""
     try:
         sys.stderr.flush()
         saved = os.dup(2)
@@ -225,7 +239,7 @@ def _filtered_stderr_fd(pattern: re.Pattern):
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            text = pattern.sub("", capture.read().decode("utf-8", errors="replace"))
+            text = clean(capture.read().decode("utf-8", errors="replace"))
             if text:
                 os.write(2, text.encode("utf-8"))
 
