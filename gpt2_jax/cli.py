@@ -53,6 +53,23 @@ def _warn_undecodable_text(args: argparse.Namespace) -> None:
                   f"not valid UTF-8 ({shown}); each is read as U+FFFD, the replacement character", file=sys.stderr)
 
 
+def _checkpoint_write_failed() -> bool:
+    """Whether a training checkpoint write failed in this process (without importing orbax when none ran)."""
+    module = sys.modules.get("gpt2_jax.training.checkpointing")
+    return bool(module is not None and module.checkpoint_write_failed())
+
+
+def _exit_now(code: int) -> None:
+    """Flush and end the process at once: after a failed checkpoint write, tensorstore's callbacks print "Event loop
+    is closed" tracebacks while the interpreter shuts down; the one-line error is the last word."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpt2-jax`` console script."""
     args = build_parser().parse_args(argv)
@@ -64,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (CLIError, ValueError, OSError) as e:
         print(f"gpt2-jax {args.command}: error: {e}", file=sys.stderr)
+        if argv is None and _checkpoint_write_failed():  # the command's own process: end before late noise
+            _exit_now(2)
         return 2
     except KeyboardInterrupt:
         print(f"gpt2-jax {args.command}: interrupted", file=sys.stderr)

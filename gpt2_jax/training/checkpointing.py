@@ -95,6 +95,8 @@ class CheckpointManager:
         kept = (f"the newest complete checkpoint is step {latest} (continue with --resume once there is room)"
                 if latest is not None else "there is no complete checkpoint yet")
         hint = "" if debug_enabled() else f"; set {DEBUG_ENV}=1 for the full traceback"
+        if not debug_enabled():
+            _quiet_after_failure()
         return CheckpointSaveError(f"could not write the checkpoint of step {step} to {self.directory}: "
                                    f"{_os_reason(error)}; {kept}{hint}")
 
@@ -196,6 +198,45 @@ def drop_event_loop_closed(text: str) -> str:
     return "".join(kept)
 
 
+class _DropUnretrievedWrites(logging.Filter):
+    """Drop asyncio's "Task exception was never retrieved" records: orbax's failed write tasks, logged when they are
+    garbage-collected (often at exit, after the one-line error), with the exception already reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+_AFTER_FAILURE = {"quiet": False}
+
+
+def checkpoint_write_failed() -> bool:
+    """Whether a checkpoint write has failed in this process (its noise may still be printed until exit)."""
+    return _AFTER_FAILURE["quiet"]
+
+
+def _quiet_after_failure() -> None:
+    """Once a checkpoint write has failed: drop asyncio's reports of orbax's unretrieved write tasks, and at exit
+    (after everything the program printed itself) send file descriptor 2 to /dev/null, where tensorstore's late
+    callbacks print their "Event loop is closed" tracebacks while the interpreter shuts down."""
+    if _AFTER_FAILURE["quiet"]:
+        return
+    _AFTER_FAILURE["quiet"] = True
+    import atexit
+
+    logging.getLogger("asyncio").addFilter(_DropUnretrievedWrites())
+    atexit.register(_silence_stderr_at_exit)
+
+
+def _silence_stderr_at_exit() -> None:
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """While saving (unless ``GPT2_JAX_DEBUG`` is set): orbax's ERROR records are dropped (a failed write logs the
@@ -226,11 +267,13 @@ def _filtered_stderr_fd(clean):
     except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to filter
         yield
         return
+    failed = False
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
             yield
         except BaseException:
+            failed = True
             _wait_until_quiet(capture)  # a failed write's callbacks keep printing for a moment after the error
             raise
         finally:
@@ -239,7 +282,9 @@ def _filtered_stderr_fd(clean):
             os.dup2(saved, 2)
             os.close(saved)
             capture.seek(0)
-            text = clean(capture.read().decode("utf-8", errors="replace"))
+            # A failed write: everything printed meanwhile is that failure's noise (threads interleave it beyond
+            # any pattern); the caller reports it in one line. Otherwise pass it on, cleaned.
+            text = "" if failed else clean(capture.read().decode("utf-8", errors="replace"))
             if text:
                 os.write(2, text.encode("utf-8"))
 
