@@ -33,6 +33,15 @@ def setup(tmp_path_factory):
     return params, bridge
 
 
+def _batch(seed: int, padding: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids [2, 7], mask)`` of random tokens; the first row left-padded by ``padding`` pad tokens."""
+    ids = np.random.default_rng(seed).integers(0, TINY.vocab_size - 2, (2, 7))
+    mask = np.ones_like(ids)
+    mask[0, :padding] = 0
+    ids[0, :padding] = TINY.pad_token_id
+    return ids, mask
+
+
 def _masks(name, mask, ndim):
     """Where ours and TransformerLens's values are compared: real query tokens (and visible keys for scores)."""
     real = mask.astype(bool)  # [batch, T]
@@ -45,12 +54,7 @@ def _masks(name, mask, ndim):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 def test_every_hook_point_matches_transformer_lens(setup, padded):
     params, bridge = setup
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, TINY.vocab_size - 2, (2, 7))
-    mask = np.ones_like(ids)
-    if padded:
-        mask[0, :3] = 0
-        ids[0, :3] = TINY.pad_token_id
+    ids, mask = _batch(seed=0, padding=3 if padded else 0)
     # Given a mask, the bridge counts positions over the real tokens, as our default does.
     logits, cache = run_with_cache(params, TINY, jnp.asarray(ids), names=hook_names(TINY),
                                    attention_mask=jnp.asarray(mask))
@@ -98,12 +102,7 @@ def test_processed_weights_match_transformer_lens_compatibility_mode(processed_b
     from gpt2_jax.interp import process_weights
 
     params, bridge = processed_bridge
-    rng = np.random.default_rng(1)
-    ids = rng.integers(0, TINY.vocab_size - 2, (2, 7))
-    mask = np.ones_like(ids)
-    if padded:
-        mask[0, :2] = 0
-        ids[0, :2] = TINY.pad_token_id
+    ids, mask = _batch(seed=1, padding=2 if padded else 0)
     logits, cache = run_with_cache(process_weights(params, TINY), TINY, jnp.asarray(ids), names=hook_names(TINY),
                                    attention_mask=jnp.asarray(mask))
     kwargs = {"attention_mask": torch.from_numpy(mask)} if padded else {}
