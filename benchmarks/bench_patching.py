@@ -5,8 +5,8 @@ gpt2 (124M) random weights, a 16-token clean/corrupted pair, ``hook_resid_pre`` 
 ``patching.get_act_patch_resid_pre`` on a ``TransformerBridge`` booted offline over the transformers model with
 the same weights. Ours runs twice: with every position's logits (what the metric's signature allows) and with
 ``logits_to_keep=1`` (the metric reads the final position only: the LM head, a third of gpt2's FLOPs, runs once per
-patched run instead of 16 times). Also: ``run_with_cache`` of every hook point vs a plain jitted forward, and a hooked forward
-with no hook vs the plain one. Compile times are reported separately; figures are medians; the machine may be
+patched run instead of 16 times). Also: ``run_with_cache`` of every hook point vs a plain jitted forward, and a
+hooked forward with no hook vs the plain one. Compile times are reported separately; figures are medians; the machine may be
 shared, so read the within-run ratios (the load average is printed).
 
     python benchmarks/bench_patching.py --runs 3

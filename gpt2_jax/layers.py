@@ -15,6 +15,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from .backend import Tuning
 from .config import GPT2Config
@@ -47,8 +48,6 @@ def constrain_rows(x: jax.Array) -> jax.Array:
     sharding = _ROW_SHARDING.get()
     if sharding is None or x.ndim == 0:
         return x
-    from jax.sharding import NamedSharding, PartitionSpec
-
     spec = PartitionSpec(sharding.spec[0] if len(sharding.spec) else None, *([None] * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
@@ -60,8 +59,6 @@ def gathered(x: jax.Array) -> jax.Array:
     sharding = _ROW_SHARDING.get()
     if sharding is None:
         return x
-    from jax.sharding import NamedSharding, PartitionSpec
-
     return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, PartitionSpec()))
 
 

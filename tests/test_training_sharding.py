@@ -42,23 +42,27 @@ SCRIPT = textwrap.dedent(r"""
     loader = WindowLoader(tokens, batch_size=16, seq_len=16, seed=1)
     optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=3e-3, warmup_steps=1, total_steps=10))
 
-    def run(mesh, strategy, accum=1):
-        shape = jax.eval_shape(lambda p: TrainState.create(p, optimizer), params)
-        shardings = state_shardings(shape, optimizer, mesh, strategy)
-        state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=shardings)(params)
+    def train_four_steps(create, inputs, mesh, strategy, accum=1, lora=None):
+        # Four AdamW steps from the state create(*inputs) on mesh: (state, losses, last batch, trace of the lr,
+        # grad norm and Adam moments of each step, for the per-element bound of the comparison).
+        shardings = state_shardings(jax.eval_shape(create, *inputs), optimizer, mesh, strategy, lora=lora is not None)
+        state = jax.jit(create, out_shardings=shardings)(*inputs)
         b_sharding = batch_sharding(mesh, strategy)
         step = make_train_step(config, optimizer, schedule, accum_steps=accum, dropout=False,
-                               state_sharding=shardings, batch_sharding=b_sharding)
+                               state_sharding=shardings, batch_sharding=b_sharding, lora=lora)
+        tolist = lambda tree: jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), tree)
         losses, trace = [], []
         for i in range(4):
             batch = global_batch(loader.batch(i), b_sharding, 16)
             state, metrics = step(state, batch, jax.random.PRNGKey(i))
             losses.append(float(metrics["loss"]))
-            adam = state.opt_state[1][0]  # the moments, for the per-element bound of the comparison
+            adam = state.opt_state[1][0]
             trace.append({"lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-                          "count": int(adam.count), "mu": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), adam.mu),
-                          "nu": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), adam.nu)})
+                          "count": int(adam.count), "mu": tolist(adam.mu), "nu": tolist(adam.nu)})
         return state, losses, batch, trace
+
+    def run(mesh, strategy, accum=1):
+        return train_four_steps(lambda p: TrainState.create(p, optimizer), (params,), mesh, strategy, accum)
 
     def info(x):
         return {"spec": [a if a is None or isinstance(a, str) else list(a) for a in x.sharding.spec],
@@ -71,22 +75,8 @@ SCRIPT = textwrap.dedent(r"""
         adapters0)
 
     def run_lora(mesh, strategy):
-        adapters = jax.tree_util.tree_map(lambda x: x, adapters0)
-        create = lambda p, a: TrainState.create_lora(p, a, optimizer)
-        shape = jax.eval_shape(create, params, adapters)
-        shardings = state_shardings(shape, optimizer, mesh, strategy, lora=True)
-        state = jax.jit(create, out_shardings=shardings)(params, adapters)
-        b_sharding = batch_sharding(mesh, strategy)
-        step = make_train_step(config, optimizer, schedule, dropout=False, state_sharding=shardings,
-                               batch_sharding=b_sharding, lora=lora)
-        losses, trace = [], []
-        for i in range(4):
-            state, metrics = step(state, global_batch(loader.batch(i), b_sharding, 16), jax.random.PRNGKey(i))
-            losses.append(float(metrics["loss"]))
-            adam = state.opt_state[1][0]
-            trace.append({"lr": float(metrics["lr"]), "grad_norm": float(metrics["grad_norm"]),
-                          "count": int(adam.count), "mu": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), adam.mu),
-                          "nu": jax.tree_util.tree_map(lambda x: np.asarray(x).tolist(), adam.nu)})
+        state, losses, _, trace = train_four_steps(lambda p, a: TrainState.create_lora(p, a, optimizer),
+                                                   (params, adapters0), mesh, strategy, lora=lora)
         base_kept = all(bool(np.array_equal(a, b)) for a, b in zip(jax.tree_util.tree_leaves(params),
                                                                      jax.tree_util.tree_leaves(state.params["params"])))
         c_attn = state.params["params"]["h"]["0"]["attn"]["c_attn"]["kernel"]
@@ -144,29 +134,35 @@ def _leaf(tree, path):
     return tree
 
 
-@pytest.fixture(scope="module")
-def param_bounds(sharded_runs):
+def _adam_bounds(trace: list[dict], paths: dict, final: dict) -> dict:
     """Per-element bound on |params(mesh run) - params(single run)| after the four AdamW steps (b1 0.9, b2 0.95,
-    eps 1e-8, clip 1.0: the script's OptimizerConfig). Each step's gradient is read back from the first moment,
+    eps 1e-8, clip 1.0: the script's OptimizerConfig), for the leaves ``paths`` (key -> path in the moments) whose
+    single-run values are ``final[key]``. Each step's gradient is read back from the first moment,
     ``g_t = (mu_t - b1 mu_{t-1}) / (1 - b1)``; the gradients of two runs differ by round-off, at most
     ``leaf_grad_atol`` per leaf, plus the relative round-off of the global norm where clipping scaled them."""
-    ref = sharded_runs["single"]
     b1, b2, eps = 0.9, 0.95, 1e-8
-    bounds = {key: AdamParamBound(b1, b2, eps) for key in PATHS}
+    bounds = {key: AdamParamBound(b1, b2, eps) for key in paths}
     previous = None  # mu_0 = 0
     atol = {}
-    for record in ref["trace"]:
+    for record in trace:
         mu, nu = _arrays(record["mu"]), _arrays(record["nu"])
         previous = _map(np.zeros_like, mu) if previous is None else previous
         grads = _map(lambda m, p: (m - b1 * p) / (1 - b1), mu, previous)
         previous = mu
         rel = global_norm_rtol(_leaves(grads)) if record["grad_norm"] > 1.0 else 0.0
-        for key, path in PATHS.items():
+        for key, path in paths.items():
             g = _leaf(grads, path)
             s = np.sqrt(_leaf(nu, path) / (1 - b2 ** record["count"]))
             atol[key] = bounds[key].step(record["lr"], s, leaf_grad_atol(g) + rel * np.abs(g),
-                                         np.asarray(ref["params"][key]))
+                                         np.asarray(final[key]))
     return atol
+
+
+@pytest.fixture(scope="module")
+def param_bounds(sharded_runs):
+    """:func:`_adam_bounds` of the params the script returns."""
+    ref = sharded_runs["single"]
+    return _adam_bounds(ref["trace"], PATHS, ref["params"])
 
 
 def _map(fn, *trees):
@@ -244,26 +240,6 @@ def test_cli_on_a_mesh_resumes_and_checks_the_batch(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
-def _adapter_bounds(trace: list[dict], adapters: dict) -> dict:
-    """Per-element :class:`roundoff.AdamParamBound` of every adapter leaf, from the single-device LoRA run's moments
-    (as :func:`param_bounds` does for the full model)."""
-    b1, b2, eps = 0.9, 0.95, 1e-8
-    flat = {jax_path: np.asarray(v, np.float64) for jax_path, v in _flat(adapters)}
-    bounds = {key: AdamParamBound(b1, b2, eps) for key in flat}
-    previous, atol = None, {}
-    for record in trace:
-        mu, nu = dict(_flat(record["mu"])), dict(_flat(record["nu"]))
-        mu = {k: np.asarray(v, np.float64) for k, v in mu.items()}
-        previous = {k: np.zeros_like(v) for k, v in mu.items()} if previous is None else previous
-        grads = {k: (mu[k] - b1 * previous[k]) / (1 - b1) for k in mu}
-        previous = mu
-        rel = global_norm_rtol(list(grads.values())) if record["grad_norm"] > 1.0 else 0.0
-        for key, g in grads.items():
-            s = np.sqrt(np.asarray(nu[key], np.float64) / (1 - b2 ** record["count"]))
-            atol[key] = bounds[key].step(record["lr"], s, leaf_grad_atol(g) + rel * np.abs(g), flat[key])
-    return atol
-
-
 def _flat(tree, prefix=()):
     if isinstance(tree, dict):
         for k, v in tree.items():
@@ -281,7 +257,8 @@ def test_lora_on_the_mesh_matches_one_device(sharded_runs):
     assert ref["moved"] > 1e-3  # the adapters train (4 AdamW steps of up to lr = 3e-3 each)
     assert ref["base_kept"] and run["base_kept"]
     assert run["base_c_attn"] == {"spec": [None, "model"], "shard": [32, 24], "devices": 8}
-    bounds = _adapter_bounds(ref["trace"], ref["adapters"])
+    adapters = dict(_flat(ref["adapters"]))
+    bounds = _adam_bounds(ref["trace"], {key: tuple(key.split("/")) for key in adapters}, adapters)
     ours = dict(_flat(run["adapters"]))
     for key, expected in _flat(ref["adapters"]):
         diff = np.abs(np.asarray(ours[key], np.float64) - np.asarray(expected, np.float64))

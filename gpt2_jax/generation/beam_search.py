@@ -31,7 +31,7 @@ from ..backend import Tuning
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
-from .engine import count_trace, forward, program_weights, repeat_cache
+from .engine import count_trace, forward, hook_runner_for, program_weights, repeat_cache
 from .logits_processors import ProcessorState, apply_processors
 from .request import GenerationOutput, Knobs, Request, prompt_keys
 
@@ -239,15 +239,6 @@ def _beam_update(state: BeamState, logits: jax.Array, knobs: Knobs, spec: BeamSp
     )
 
 
-def _hooks(spec: BeamSpec, hook_data):
-    """The hook runner of one forward pass (None without hooks)."""
-    if spec.hooks is None:
-        return None
-    from ..interp.generation import hook_runner
-
-    return hook_runner(spec.hooks, hook_data)
-
-
 def start_beams(params, input_ids, attention_mask, keys, knobs: Knobs, spec: BeamSpec, hook_data=()) -> BeamState:
     """Prefill each prompt once, repeat its cache rows for the beams and take the first beam step."""
     cfg, nb = spec.model_config, spec.num_beams
@@ -255,7 +246,7 @@ def start_beams(params, input_ids, attention_mask, keys, knobs: Knobs, spec: Bea
     length = spec.bucket + spec.cap
     cache = KVCache.zeros(cfg, batch, length, jnp.dtype(spec.dtype))
     logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning,
-                            hooks=_hooks(spec, hook_data))  # [batch, vocab]: one row per prompt
+                            hooks=hook_runner_for(spec.hooks, hook_data))  # [batch, vocab]: one row per prompt
     cache = repeat_cache(cache, nb)  # [batch, ...] -> [batch * beams, ...] rows
     running = jnp.full((batch, nb, length), knobs.pad_id, jnp.int32)
     running = running.at[:, :, : spec.bucket].set(input_ids[:, None, :])
@@ -286,7 +277,7 @@ def advance_beams(params, state: BeamState, knobs: Knobs, spec: BeamSpec, hook_d
     batch, nb, _ = state.running.shape
     last = jax.lax.dynamic_slice_in_dim(state.running, spec.bucket + state.step - 1, 1, axis=2)  # [B, N, 1]
     logits, cache = forward(params, last.reshape(batch * nb, 1), None, state.cache, spec.model_config, spec.dtype,
-                            spec.tuning, hooks=_hooks(spec, hook_data))  # rows: batch * beams
+                            spec.tuning, hooks=hook_runner_for(spec.hooks, hook_data))  # rows: batch * beams
     state = _beam_update(state.replace(cache=cache), logits, knobs, spec)
     return state.replace(cache=reorder_generated(state.cache, state.parents, spec.bucket, spec.num_beams, spec.tuning))
 

@@ -93,6 +93,17 @@ def hooked_model(config: GPT2Config, dtype: str, tuning: Tuning | None, hooks=No
     return GPT2LMHeadModel(config, dtype=jnp.dtype(dtype), tuning=tuning, hooks=hooks)
 
 
+def hook_runner_for(hook_spec, hook_data, activations: tuple[str, ...] = ()):
+    """The :class:`~gpt2_jax.interp.runner.HookRunner` of one forward pass inside a generation program (hook code
+    from ``hook_spec``, data traced, recording ``activations``), or None when there is nothing to run (the interp
+    package is then not imported)."""
+    if hook_spec is None and not activations:
+        return None
+    from ..interp.generation import hook_runner
+
+    return hook_runner(hook_spec, hook_data, activations)
+
+
 def init_cache(config: GPT2Config, batch_size: int, slots: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache of ``slots`` slots for :func:`prefill` / :func:`decode_step`: the documented
     :class:`~gpt2_jax.kv_cache.KVCache` layout, keys/values ``[batch, n_head, slots, head_dim]`` per layer (one

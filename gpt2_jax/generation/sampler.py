@@ -31,7 +31,7 @@ from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
 from .config import GenerationConfig
-from .engine import carry_cache, count_trace, forward, program_weights, repeat_cache, unflatten_cache
+from .engine import carry_cache, count_trace, forward, hook_runner_for, program_weights, repeat_cache, unflatten_cache
 from .logits_processors import ProcessorState, apply_processors
 from .request import GenerationOutput, Knobs, Request, prompt_keys, row_keys
 
@@ -67,13 +67,6 @@ class SamplingState:
     scores: jax.Array | None = None
     raw_logits: jax.Array | None = None
     activations: dict | None = None  # {name: [rows, cap, ...]} (return_activations)
-
-
-def _runner(spec: "SamplerSpec", hook_data):
-    """The hook runner of one forward pass (None without hooks or returned activations)."""
-    from ..interp.generation import hook_runner
-
-    return hook_runner(spec.hooks, hook_data, spec.activations)
 
 
 def _write_activations(buffers: dict | None, runner, step: jax.Array) -> dict | None:
@@ -184,7 +177,7 @@ def start_state(params, input_ids, attention_mask, keys, knobs: Knobs, spec: Sam
     cfg, n = spec.model_config, spec.num_return_sequences
     batch = input_ids.shape[0]
     cache = KVCache.zeros(cfg, batch, spec.bucket + spec.cap, jnp.dtype(spec.dtype))
-    runner = _runner(spec, hook_data)
+    runner = hook_runner_for(spec.hooks, hook_data, spec.activations)
     logits, cache = forward(params, input_ids, attention_mask, cache, cfg, spec.dtype, spec.tuning,
                             hooks=runner)  # once a prompt
     activations = None
@@ -219,7 +212,7 @@ def start_state(params, input_ids, attention_mask, keys, knobs: Knobs, spec: Sam
 def advance_state(params, state: SamplingState, knobs: Knobs, spec: SamplerSpec, hook_data=()) -> SamplingState:
     """Feed the last token of every row through the model and pick the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, spec.bucket + state.step - 1, 1, axis=1)  # [rows, 1]
-    runner = _runner(spec, hook_data)
+    runner = hook_runner_for(spec.hooks, hook_data, spec.activations)
     logits, cache = forward(params, last, None, unflatten_cache(state.cache), spec.model_config, spec.dtype,
                             spec.tuning, hooks=runner)  # the model takes the 4-D cache: a free reshape of the view
     state = state.replace(cache=carry_cache(cache, spec.tuning),

@@ -35,7 +35,8 @@ from ..backend import Tuning
 from ..config import GPT2Config
 from ..kv_cache import KVCache
 from . import processors
-from .engine import carry_cache, count_trace, hooked_model, program_weights, repeat_cache, unflatten_cache
+from .engine import (carry_cache, count_trace, hook_runner_for, hooked_model, program_weights, repeat_cache,
+                     unflatten_cache)
 from .logits_processors import ProcessorState, apply_processors
 from .request import GenerationOutput, Knobs, Request, prompt_keys, row_keys
 from .weight_layout import DecodeWeights
@@ -237,15 +238,6 @@ def _draft_lookup(state: SpecState, spec: SpecSpec):
     return drafts.astype(jnp.int32), valid
 
 
-def _target_hooks(spec: SpecSpec, hook_data):
-    """The hook runner of one target pass (None without hooks); the draft never runs hooks."""
-    if spec.hooks is None:
-        return None
-    from ..interp.generation import hook_runner
-
-    return hook_runner(spec.hooks, hook_data)
-
-
 def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hook_data=()) -> SpecState:
     """One draft-and-verify iteration."""
     k, rows = spec.k, state.n.shape[0]
@@ -262,7 +254,7 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hoo
     index, before = state.cache.index, state.cache.next_position
     ids = jnp.concatenate([last[:, None], drafts], axis=1)  # [rows, K + 1]
     logits, cache = _forward_all(params, ids, None, state.cache, spec.model_config, spec.dtype, spec.tuning, k + 1,
-                                 _target_hooks(spec, hook_data))
+                                 hook_runner_for(spec.hooks, hook_data))
     tokens, seen, processed = state.tokens, state.seen, []
     for j in range(k + 1):  # process position j with d_1 .. d_j in place
         processed.append(apply_processors(knobs.processors, logits[:, j], _view(state, knobs, spec, tokens, j, seen)))
@@ -324,8 +316,9 @@ def _verify(params, dparams, state: SpecState, knobs: Knobs, spec: SpecSpec, hoo
 def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs, spec: SpecSpec,
             processed: jax.Array | None = None, raw: jax.Array | None = None) -> SpecState:
     """Write up to ``count [rows]`` of ``emitted [rows, T]`` after each row's tokens, stopping at eos, at a stop
-    string and at the budget; rows already done write nothing. ``processed`` / ``raw`` ``[rows, T, vocab]``: the target logits that
-    chose each emitted token, kept in ``state.scores`` / ``state.raw_logits`` when those are tracked."""
+    string and at the budget; rows already done write nothing. ``processed`` / ``raw`` ``[rows, T, vocab]``: the
+    target logits that chose each emitted token, kept in ``state.scores`` / ``state.raw_logits`` (and the token's
+    log-probability under ``processed`` in ``state.logprobs``) when those are tracked."""
     vocab = spec.model_config.vocab_size
     is_eos = jnp.zeros((vocab,), bool).at[knobs.eos_ids].set(True)[emitted]  # [rows, T]
     t = jnp.arange(emitted.shape[1])[None, :]
@@ -356,7 +349,7 @@ def _commit(state: SpecState, emitted: jax.Array, count: jax.Array, knobs: Knobs
         picked = jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), emitted[..., None], axis=-1)[..., 0]
     for field, values in (("scores", processed), ("raw_logits", raw), ("logprobs", picked)):
         buffer = getattr(state, field)
-        if buffer is not None:  # [rows, cap, vocab]
+        if buffer is not None:  # [rows, cap, vocab] or, for logprobs, [rows, cap]
             extra[field] = buffer.at[rows, steps].set(values.astype(buffer.dtype), mode="drop")
     n = state.n + count
     done = state.done | (first_eos < count) | stopped | (n >= knobs.max_new_tokens)
@@ -367,7 +360,7 @@ def _plain(params, state: SpecState, knobs: Knobs, spec: SpecSpec, hook_data=())
     """One plain decode step (after the fallback switched drafting off)."""
     last = jnp.take_along_axis(state.tokens, (spec.bucket + state.n - 1)[:, None], 1)  # [rows, 1]
     logits, cache = _forward_all(params, last, None, state.cache, spec.model_config, spec.dtype, spec.tuning, 1,
-                                 _target_hooks(spec, hook_data))
+                                 hook_runner_for(spec.hooks, hook_data))
     processed = apply_processors(knobs.processors, logits[:, 0], _view(state, knobs, spec, state.tokens, 0, state.seen))
     pairs = jax.vmap(jax.random.split)(state.keys)
     if spec.do_sample:
@@ -400,7 +393,7 @@ def _start(params, dparams, input_ids, attention_mask, keys, knobs: Knobs, spec:
     batch = input_ids.shape[0]
     cache = KVCache.zeros(cfg, batch, spec.slots, jnp.dtype(spec.dtype))
     logits, cache = _forward_all(params, input_ids, attention_mask, carry_cache(cache, spec.tuning), cfg,
-                                 spec.dtype, spec.tuning, 1, _target_hooks(spec, hook_data))
+                                 spec.dtype, spec.tuning, 1, hook_runner_for(spec.hooks, hook_data))
     draft_cache = None
     if spec.draft_config is not None:
         draft_cache = KVCache.zeros(spec.draft_config, batch, spec.slots, jnp.dtype(spec.draft_dtype))

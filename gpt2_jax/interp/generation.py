@@ -24,9 +24,8 @@ def hook_spec_for_generation(hooks, return_activations, config: GPT2Config) -> t
     return spec, data, names
 
 
-def hook_runner(hook_spec: HookSpec | None, hook_data, activations: tuple[str, ...] = ()) -> HookRunner | None:
+def hook_runner(hook_spec: HookSpec | None, hook_data, activations: tuple[str, ...] = ()) -> HookRunner:
     """The runner of one forward pass inside a generation program: the hooks' code from ``hook_spec`` (static),
-    their data from ``hook_data`` (traced), recording ``activations``; None when there is nothing to run."""
-    if hook_spec is None and not activations:
-        return None
+    their data from ``hook_data`` (traced), recording ``activations`` (the generation loops reach it through
+    :func:`gpt2_jax.generation.engine.hook_runner_for`)."""
     return HookRunner(hook_spec.build(hook_data) if hook_spec is not None else (), activations)

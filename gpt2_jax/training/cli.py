@@ -119,7 +119,8 @@ def register(subparsers) -> None:
     g.add_argument("--coordinator", metavar="HOST:PORT",
                    help="process 0's address; with --num-processes and --process-id (every process the same)")
     g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1 (0 hosts the coordinator)")
+    g.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's index, 0 .. N-1 (0 hosts the coordinator)")
     g.add_argument("--coordinator-timeout", type=float, metavar="SECONDS",
                    help="give up (exit 2, one line) when the coordinator or the other processes do not answer "
                         "within this time (default 300)")
