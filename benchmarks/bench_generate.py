@@ -65,7 +65,7 @@ def bench_ours(config, params, ids: np.ndarray, new_tokens: int, runs: int) -> d
 
     request = build_request(params, config, ids, max_new_tokens=new_tokens, eos_token_id=())
     spec = SamplerSpec.from_request(request)
-    weights = decode_weights(params)  # what generate() computes with (on the CPU: kernels transposed)
+    weights = decode_weights(params, rows=request.decode_rows)  # what generate() computes with
     args = (weights, jnp.asarray(request.prompts.input_ids), jnp.asarray(request.prompts.attention_mask),
             prompt_keys(jax.random.PRNGKey(0), ids.shape[0]), request.knobs)
     start = time.perf_counter()
@@ -74,7 +74,7 @@ def bench_ours(config, params, ids: np.ndarray, new_tokens: int, runs: int) -> d
     first = _start_program.lower(*args, spec=spec).compile()
 
     def full():
-        tokens, steps, _, _ = program(*args)
+        tokens, steps = program(*args)[:2]  # (tokens, step, ...)
         jax.block_until_ready(tokens)
         assert int(steps) == new_tokens
 

@@ -55,16 +55,35 @@ def test_transposed_kernels_give_the_same_logits_as_the_params(config):
     np.testing.assert_allclose(np.asarray(cached_moved), np.asarray(cached_plain), rtol=1e-5, atol=1e-5)
 
 
-def test_generate_gives_the_same_tokens_with_and_without_the_copy(monkeypatch):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_gives_the_same_tokens_with_and_without_the_copy(batch):
     params = tiny_params()
-    ids = prompts(3, 6)
-    monkeypatch.setenv(TRANSPOSED_KERNELS_ENV, "1")
-    with_copy = generate(params, ids, model_config=TINY, max_new_tokens=12, do_sample=True, top_k=20,
-                         key=jax.random.key(5))
-    monkeypatch.setenv(TRANSPOSED_KERNELS_ENV, "0")
-    without = generate(params, ids, model_config=TINY, max_new_tokens=12, do_sample=True, top_k=20,
+    ids = prompts(batch, 6)
+    with_copy = generate(transpose_kernels(params), ids, model_config=TINY, max_new_tokens=12, do_sample=True,
+                         top_k=20, key=jax.random.key(5))
+    without = generate(DecodeWeights(params), ids, model_config=TINY, max_new_tokens=12, do_sample=True, top_k=20,
                        key=jax.random.key(5))
     np.testing.assert_array_equal(with_copy.sequences, without.sequences)
+
+
+def test_kernels_are_transposed_only_for_programs_stepping_one_row(monkeypatch):
+    """XLA CPU reads ``[out, in]`` kernels fastest in a matrix-vector product, ``[in, out]`` ones in matmuls of
+    several rows: the copy is made for one-row decode steps only, and several rows take the params as they are."""
+    from gpt2_jax.generation.request import build_request
+
+    monkeypatch.setenv(TRANSPOSED_KERNELS_ENV, "1")
+    params = tiny_params()
+    assert decode_weights(params, rows=1).kernels_out_in is not None
+    several = decode_weights(params, rows=8)
+    assert several.kernels_out_in is None and several.params is params  # no copy at all
+    assert decode_weights(params, rows=1) is decode_weights(params)  # the cached one-row copy survives
+
+    def rows(batch, **overrides):
+        return build_request(params, TINY, prompts(batch, 5), max_new_tokens=4, **overrides).decode_rows
+
+    assert rows(1) == 1 and rows(3) == 3
+    assert rows(1, num_beams=3) == 3 and rows(2, num_beams=3, num_return_sequences=2) == 6
+    assert rows(1, do_sample=True, num_return_sequences=4) == 4
 
 
 def test_the_copy_is_made_once_per_params_object_and_dropped_with_it(monkeypatch):

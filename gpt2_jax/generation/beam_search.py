@@ -312,7 +312,8 @@ def run_beam_request(params, request: Request, key, hooks=None) -> GenerationOut
         spec = dataclasses.replace(spec, hooks=hook_spec)
     prompts = request.prompts
     sequences, scores, lengths, steps, scores_out, logits_out = _beam_program(
-        program_weights(params, request.tuning), jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
+        program_weights(params, request.tuning, request.decode_rows), jnp.asarray(prompts.input_ids),
+        jnp.asarray(prompts.attention_mask),
         prompt_keys(key, request.batch_size), request.knobs, hook_data, spec=spec,
         num_return_sequences=cfg.num_return_sequences,
     )

@@ -125,16 +125,17 @@ def _generation_config(args):
     )
 
 
-def _owned_for_generation(model):
-    """``model`` with its params replaced by the weights generation computes with, each original array freed as
-    its prepared copy is made (:func:`~gpt2_jax.generation.weight_layout.decode_weights` with ``consume``): the
-    CLI owns what it loaded, so the CPU's transposed kernels cost one kernel of extra memory, not a second copy of
-    every kernel (gpt2-xl: 5.8 GB)."""
+def _owned_for_generation(model, rows: int):
+    """``model`` with its params replaced by the weights generation computes with when each decode step computes
+    ``rows`` rows, each original array freed as its prepared copy is made
+    (:func:`~gpt2_jax.generation.weight_layout.decode_weights` with ``consume``): the CLI owns what it loaded, so
+    the CPU's transposed kernels (one row) cost one kernel of extra memory, not a second copy of every kernel
+    (gpt2-xl: 5.8 GB)."""
     import dataclasses
 
     from .weight_layout import decode_weights
 
-    return dataclasses.replace(model, params=decode_weights(model.params, consume=True))
+    return dataclasses.replace(model, params=decode_weights(model.params, consume=True, rows=rows))
 
 
 def _print_precision_note(dtype: str, quantize: str | None, params) -> None:
@@ -215,11 +216,12 @@ def run(args: argparse.Namespace) -> int:
 
         model = dataclasses.replace(model, params=quantize_params(model.params, quantize))
     _print_precision_note(args.dtype, quantize, model.params)
-    model = _owned_for_generation(model)
+    rows = config.num_beams if config.num_beams > 1 else config.num_return_sequences  # per decode step, one prompt
+    model = _owned_for_generation(model, rows)
     assistant = None
     if assistant_path is not None:
         assistant = _owned_for_generation(load_or_random(assistant_path, getattr(args, "random_weights", False),
-                                                         seed=args.seed + 1, dtype=args.dtype))
+                                                         seed=args.seed + 1, dtype=args.dtype), rows)
     t1 = time.perf_counter()
     key = jax.random.key(args.seed)
     if args.stream:

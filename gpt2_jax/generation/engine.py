@@ -186,14 +186,14 @@ def _decode_step(params, tokens, cache, *, config, dtype, tuning):
     return forward(params, tokens[:, None], None, cache, config, dtype, tuning)  # tokens [batch] -> [batch, 1]
 
 
-def program_weights(params, tuning: Tuning) -> DecodeWeights:
-    """What the compiled programs take for ``params`` under ``tuning``
-    (:func:`~gpt2_jax.generation.weight_layout.decode_weights`: kernels transposed under
-    :attr:`~gpt2_jax.backend.Tuning.transposed_kernels`, narrow weights widened where
+def program_weights(params, tuning: Tuning, rows: int) -> DecodeWeights:
+    """What the compiled programs take for ``params`` under ``tuning`` when each of their decode steps computes
+    ``rows`` rows (:func:`~gpt2_jax.generation.weight_layout.decode_weights`: kernels transposed under
+    :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` for one row, narrow weights widened where
     :attr:`~gpt2_jax.backend.Tuning.low_precision_compute` is off); prepared ``DecodeWeights`` as they are."""
     if isinstance(params, DecodeWeights):
         return params
-    return decode_weights(params, tuning=tuning)  # transposed, and upcast where low_precision_compute is off
+    return decode_weights(params, tuning=tuning, rows=rows)  # transposed for one row, upcast where needed
 
 
 def _check_public_cache(cache: KVCache, what: str) -> None:
@@ -228,7 +228,8 @@ def prefill(params, input_ids, attention_mask, cache: KVCache, *, config: GPT2Co
     tuning = tuning if tuning is not None else backend.tuning_for(params)
     dtype = compute_dtype(dtype, params, tuning)  # bfloat16 computes in float32 where low_precision_compute is off
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    return _prefill(program_weights(params, tuning), jnp.asarray(input_ids, jnp.int32), mask, cache, config=config,
+    input_ids = jnp.asarray(input_ids, jnp.int32)  # [batch, T]: the rows the decode steps after it compute
+    return _prefill(program_weights(params, tuning, rows=input_ids.shape[0]), input_ids, mask, cache, config=config,
                     dtype=dtype, tuning=tuning)
 
 
@@ -244,7 +245,8 @@ def decode_step(params, tokens, cache: KVCache, *, config: GPT2Config, dtype: An
     _check_public_cache(cache, "decode_step")
     tuning = tuning if tuning is not None else backend.tuning_for(params)
     dtype = compute_dtype(dtype, params, tuning)  # bfloat16 computes in float32 where low_precision_compute is off
-    return _decode_step(program_weights(params, tuning), jnp.asarray(tokens, jnp.int32), cache, config=config,
+    tokens = jnp.asarray(tokens, jnp.int32)  # [batch]
+    return _decode_step(program_weights(params, tuning, rows=tokens.shape[0]), tokens, cache, config=config,
                         dtype=dtype, tuning=tuning)
 
 

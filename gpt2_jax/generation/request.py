@@ -45,6 +45,12 @@ class Request:
     def batch_size(self) -> int:
         return int(self.prompts.input_ids.shape[0])
 
+    @property
+    def decode_rows(self) -> int:
+        """Rows each decode step computes: prompts x beams (beam search) or x return sequences (sampling)."""
+        per_prompt = self.config.num_beams if self.config.num_beams > 1 else self.config.num_return_sequences
+        return self.batch_size * per_prompt
+
 
 @struct.dataclass
 class Knobs:

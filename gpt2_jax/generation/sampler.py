@@ -250,7 +250,7 @@ def run_request(params, request: Request, key, hooks=None, return_activations=No
     prompts = request.prompts
     keys = prompt_keys(key, request.batch_size)
     tokens, steps, counts, logprobs, scores, raw, activations = _sample_program(
-        program_weights(params, request.tuning), jnp.asarray(prompts.input_ids),
+        program_weights(params, request.tuning, request.decode_rows), jnp.asarray(prompts.input_ids),
         jnp.asarray(prompts.attention_mask), keys, request.knobs, hook_data, spec=spec,
     )
     steps = int(steps)

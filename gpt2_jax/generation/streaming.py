@@ -76,7 +76,7 @@ def stream(
     key = request_key(request.config, key)
     spec = SamplerSpec.from_request(request)
     prompts = request.prompts
-    weights = program_weights(params, request.tuning)
+    weights = program_weights(params, request.tuning, request.decode_rows)
     state, token, active, going = _start_program(
         weights, jnp.asarray(prompts.input_ids), jnp.asarray(prompts.attention_mask),
         prompt_keys(key, request.batch_size), request.knobs, spec=spec,

@@ -3,12 +3,15 @@
 Two backend settings (:mod:`gpt2_jax.backend`, decided by :func:`~gpt2_jax.backend.tuning_for` from the platform
 of the params' devices) shape them:
 
-* :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` (CPU): every Dense kernel also transposed to ``[out, in]``.
-  A decode step at small batch is a chain of matrix-vector products, bound by reading the weights from memory, and
-  XLA's CPU matrix-vector product reads a kernel laid out ``[out, in]`` (each output a contiguous row) faster than
-  the ``[in, out]`` layout of the params (Hugging Face's ``Conv1D``): gpt2 decodes 6-15% faster and prefills ~10%
-  faster on 2 cores (``benchmarks/bench_generate.py``). The engine gives the model each kernel transposed in the
-  :data:`~gpt2_jax.layers.KERNELS_OUT_IN` collection (the tied LM head already reads ``wte`` as
+* :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` (CPU): for programs whose decode steps compute one row, every
+  Dense kernel also transposed to ``[out, in]``. A decode step at batch 1 is a chain of matrix-vector products,
+  bound by reading the weights from memory, and XLA's CPU matrix-vector product reads a kernel laid out
+  ``[out, in]`` (each output a contiguous row) faster than the ``[in, out]`` layout of the params (Hugging Face's
+  ``Conv1D``): gpt2 decodes 6-15% faster on 2 cores (``benchmarks/bench_generate.py``). With 2 or more rows a step
+  (batched prompts, return sequences, beams, drafted tokens) the params' own layout is faster (gpt2 at batch 8:
+  44 vs 54 ms a step), so such programs get the params unchanged and no copy is made
+  (:meth:`~gpt2_jax.backend.Tuning.kernels_transposed_for`). The engine gives the model each kernel transposed in
+  the :data:`~gpt2_jax.layers.KERNELS_OUT_IN` collection (the tied LM head already reads ``wte`` as
   ``[vocab, n_embd]``).
 * :attr:`~gpt2_jax.backend.Tuning.low_precision_compute` off (CPU): bfloat16 / float16 weights and int8-quantized
   ones (:mod:`gpt2_jax.precision`) are converted to float32 here, once, ``wte`` (the LM head) included, and the
@@ -192,11 +195,12 @@ def transpose_kernels(params, upcast: bool = False, *, consume: bool = False) ->
     return DecodeWeights(_convert_params(kept, upcast, consume=True), _transposed_one_by_one(kernels, upcast))
 
 
-def prepare_weights(params, tuning: Tuning, *, consume: bool = False) -> DecodeWeights:
+def prepare_weights(params, tuning: Tuning, *, consume: bool = False, rows: int = 1) -> DecodeWeights:
     """The weights the programs compute with under ``tuning`` (uncached; see :func:`decode_weights`).
-    ``consume``: free the params' arrays that were copied, as they are copied (:func:`transpose_kernels`)."""
+    ``consume``: free the params' arrays that were copied, as they are copied (:func:`transpose_kernels`).
+    ``rows``: rows a decode step of the programs computes (kernels are transposed for one row only)."""
     upcast = not tuning.low_precision_compute
-    if tuning.transposed_kernels:
+    if tuning.kernels_transposed_for(rows):
         return transpose_kernels(params, upcast, consume=consume)
     return DecodeWeights(_convert_params(params, upcast, consume=consume))
 
@@ -212,14 +216,14 @@ class _LastWeights:
         self._settings = None
         self._weights: DecodeWeights | None = None
 
-    def get(self, params, tuning: Tuning) -> DecodeWeights:
+    def get(self, params, tuning: Tuning, rows: int) -> DecodeWeights:
         leaves = jax.tree_util.tree_leaves(params)
-        settings = (tuning.transposed_kernels, tuning.low_precision_compute)
+        settings = (tuning.kernels_transposed_for(rows), tuning.low_precision_compute)
         with self._lock:
             if (self._weights is not None and self._settings == settings and len(leaves) == len(self._refs)
                     and all(ref() is leaf for ref, leaf in zip(self._refs, leaves))):
                 return self._weights
-        weights = prepare_weights(params, tuning)
+        weights = prepare_weights(params, tuning, rows=rows)
         token = object()
         try:
             refs = tuple(weakref.ref(leaf, lambda _ref, token=token: self._forget(token)) for leaf in leaves)
@@ -243,7 +247,7 @@ _LAST = _LastWeights()
 
 
 def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None = None,
-                   consume: bool = False) -> DecodeWeights:
+                   consume: bool = False, rows: int = 1) -> DecodeWeights:
     """What the generation programs compute with for ``params``.
 
     Args:
@@ -255,24 +259,27 @@ def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None
             that copy exists (the transposed kernels then cost one kernel of extra memory at the peak instead of
             all of them: gpt2-xl's 5.8 GB on the CPU). ``params`` must not be used afterwards; the result is
             not cached. What the CLIs do with the model they loaded.
+        rows: the rows each decode step of the programs that take the weights computes (prompts x return sequences
+            x beams; more when drafted tokens are verified): kernels are transposed for one row only
+            (:meth:`~gpt2_jax.backend.Tuning.kernels_transposed_for`).
 
     Returns:
-        Under :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` (the CPU), :func:`transpose_kernels`; when
-        :attr:`~gpt2_jax.backend.Tuning.low_precision_compute` is off (the CPU), narrow and quantized weights
+        Under :attr:`~gpt2_jax.backend.Tuning.transposed_kernels` (the CPU) and one row, :func:`transpose_kernels`;
+        when :attr:`~gpt2_jax.backend.Tuning.low_precision_compute` is off (the CPU), narrow and quantized weights
         converted to float32 once. Either copy is cached for the most recent params object (passing the same
         object again costs nothing; a new one, e.g. after a training step, is prepared anew, and the cache lets go
-        of the copy when the params are garbage collected). With nothing to do (float params on a GPU or TPU), the
-        params unchanged.
+        of the copy when the params are garbage collected). With nothing to do (float params on a GPU or TPU, or
+        float32 params for several rows on the CPU), the params unchanged.
     """
     if isinstance(params, DecodeWeights):
         return params
     if tuning is None:
         tuning = backend.tuning_for(params, platform=platform)
-    if not tuning.transposed_kernels and not _needs_preparing(params, not tuning.low_precision_compute):
+    if not tuning.kernels_transposed_for(rows) and not _needs_preparing(params, not tuning.low_precision_compute):
         return DecodeWeights(params)
     if consume:
-        return prepare_weights(params, tuning, consume=True)
-    return _LAST.get(params, tuning)
+        return prepare_weights(params, tuning, consume=True, rows=rows)
+    return _LAST.get(params, tuning, rows)
 
 
 def clear_cache() -> None:

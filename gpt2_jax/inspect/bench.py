@@ -368,21 +368,33 @@ def run_benchmark(
     dtype = compute_dtype(stored, params, tuning)  # what the programs compute in
     n_params, stored_bytes, non_embedding = param_stats(params)
     params_platform = backend.platform_of(params)
-    weights = jax.block_until_ready(decode_weights(params, tuning=tuning, consume=consume_params))  # prepared once
     device = jax.devices()[0]
     peaks = resolve_peaks(device, dtype, peak_bandwidth_gbs, peak_tflops)
     measured = None
     if measure_peaks and (peaks["bandwidth_gbs"] is None or peaks["tflops"] is None):
         measured = measure_device_peaks(device)
         peaks = resolve_peaks(device, dtype, peak_bandwidth_gbs, peak_tflops, measured=measured)
-    _, n_bytes, _ = param_stats(weights)  # bytes a decode step reads: the prepared weights
-    rng = np.random.default_rng(seed)
-    results = []
     from tqdm.auto import tqdm
 
-    for batch in tqdm(batch_sizes, desc="bench", unit="batch size", disable=not progress, file=sys.stderr):
-        results.append(_bench_batch(weights, config, dtype, batch, prompt, new, runs, generate, peaks, n_params,
-                                    n_bytes, non_embedding, rng, device))
+    # The weights' layout depends on the rows of a decode step (kernels transposed for one row on the CPU): one
+    # prepared copy per layout, the untransposed group first so that a consumed (original-freeing) copy comes last.
+    groups: dict[bool, list[int]] = {}
+    for batch in batch_sizes:
+        groups.setdefault(tuning.kernels_transposed_for(batch), []).append(batch)
+    by_batch = {}
+    with tqdm(total=len(batch_sizes), desc="bench", unit="batch size", disable=not progress, file=sys.stderr) as bar:
+        for i, (_, batches) in enumerate(sorted(groups.items())):
+            last = i == len(groups) - 1
+            weights = jax.block_until_ready(
+                decode_weights(params, tuning=tuning, rows=batches[0], consume=consume_params and last))
+            _, n_bytes, _ = param_stats(weights)  # bytes a decode step reads: the prepared weights
+            for batch in batches:
+                by_batch[batch] = _bench_batch(weights, config, dtype, batch, prompt, new, runs, generate, peaks,
+                                               n_params, n_bytes, non_embedding,
+                                               np.random.default_rng([seed, batch]), device)
+                bar.update(1)
+            del weights
+    results = [by_batch[batch] for batch in batch_sizes]
     notes = []
     note = precision_note(stored, tuning, quantize, params_platform)
     if note:
