@@ -13,11 +13,15 @@ token and (ours) compile time, then the ratios. Times are medians of ``--runs`` 
 * ``--startup``: two fresh processes sharing an empty persistent compilation cache directory: "cold" is the first
   call's overhead (trace + compile) in the first, "warm" the same overhead in the second (trace + cache load),
   both measured as the first ``generate`` call's time minus the next call's.
+* ``--first-call``: per batch size, fresh processes with no persistent cache: the first ``generate`` call's overhead
+  (its time minus the next call's), split by an ahead-of-time run of the same program in another fresh process into
+  preparing the weights, tracing, lowering and compiling.
 
 Usage::
 
     python benchmarks/bench_generate.py                     # float32 on CPU, batch 1 and 8
     python benchmarks/bench_generate.py --startup           # also cold / warm start with the persistent cache
+    python benchmarks/bench_generate.py --first-call --skip-torch   # first-call cost without any cache, split
     python benchmarks/bench_generate.py --dtype bfloat16    # on a GPU (PyTorch runs on cuda too when available)
 """
 
@@ -145,6 +149,63 @@ def startup_child(args) -> None:
                       "imports_and_params_s": ready - t0}))
 
 
+def first_call_child(args) -> None:
+    """In a fresh process without a persistent cache: ``--first-call-child overhead`` times the first ``generate``
+    call against the next; ``split`` times each phase of building the same program ahead of time."""
+    import jax
+    import jax.numpy as jnp
+
+    config, params = build_params(0, args.dtype)
+    batch = args.batch_sizes[0]
+    ids = np.random.RandomState(batch).randint(0, config.vocab_size, (batch, args.prompt))
+    jax.block_until_ready(params)
+    if args.first_call_child == "overhead":
+        from gpt2_jax.generation import generate
+
+        def run():
+            generate(params, ids, model_config=config, max_new_tokens=args.new_tokens, eos_token_id=())
+
+        start = time.perf_counter()
+        run()
+        first = time.perf_counter() - start
+        steady = median_seconds(run, 2)
+        print(json.dumps({"overhead_s": first - steady, "steady_s": steady}))
+        return
+    from gpt2_jax.generation.request import build_request, prompt_keys
+    from gpt2_jax.generation.sampler import SamplerSpec, _sample_program
+    from gpt2_jax.generation.weight_layout import decode_weights
+
+    marks = [time.perf_counter()]
+    request = build_request(params, config, ids, max_new_tokens=args.new_tokens, eos_token_id=())
+    spec = SamplerSpec.from_request(request)
+    weights = jax.block_until_ready(decode_weights(params, rows=request.decode_rows))
+    marks.append(time.perf_counter())
+    traced = _sample_program.trace(weights, jnp.asarray(request.prompts.input_ids),
+                                   jnp.asarray(request.prompts.attention_mask),
+                                   prompt_keys(jax.random.PRNGKey(0), batch), request.knobs, spec=spec)
+    marks.append(time.perf_counter())
+    lowered = traced.lower()
+    marks.append(time.perf_counter())
+    lowered.compile()
+    marks.append(time.perf_counter())
+    phases = ("request_and_weights_s", "trace_s", "lower_s", "compile_s")
+    print(json.dumps({name: b - a for name, a, b in zip(phases, marks, marks[1:])}))
+
+
+def first_call(args) -> list[tuple[int, dict]]:
+    """Run :func:`first_call_child` (overhead, then split) for each batch size in fresh processes."""
+    results = []
+    for batch in args.batch_sizes:
+        merged = {}
+        for mode in ("overhead", "split"):
+            cmd = [sys.executable, __file__, "--first-call-child", mode, "--batch-sizes", str(batch), "--dtype",
+                   args.dtype, "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            merged.update(json.loads(out.stdout.strip().splitlines()[-1]))
+        results.append((batch, merged))
+    return results
+
+
 def startup(args) -> list[dict]:
     """Run :func:`startup_child` twice in fresh processes sharing a new cache directory."""
     results = []
@@ -168,11 +229,16 @@ def main() -> None:
                         help="torch thread counts to time (default: all cores, then 1); ratios use the fastest")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--startup", action="store_true", help="also measure cold / warm start in fresh processes")
+    parser.add_argument("--first-call", action="store_true",
+                        help="also measure each batch size's first-call cost without a persistent cache, split")
     parser.add_argument("--startup-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--first-call-child", choices=("overhead", "split"), help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.startup_child:
         return startup_child(args)
+    if args.first_call_child:
+        return first_call_child(args)
 
     import jax
 
@@ -215,6 +281,14 @@ def main() -> None:
         print(f"  warm: first generate call costs {warm['overhead_s']:.2f} s more than the next (trace + cache load)")
         print(f"  (imports + random params: {cold['imports_and_params_s']:.1f} s / {warm['imports_and_params_s']:.1f} s; "
               f"a generate call: {warm['steady_s']:.2f} s)")
+    if args.first_call:
+        print("first call (fresh processes, no persistent compilation cache), before the first token = overhead + TTFT:")
+        ttft = {batch: ours["ttft_s"] for batch, ours, _ in rows}
+        for batch, r in first_call(args):
+            print(f"  batch {batch}: first generate call costs {r['overhead_s']:.2f} s more than the next "
+                  f"(+ TTFT {ttft[batch]:.2f} s = {r['overhead_s'] + ttft[batch]:.2f} s before the first token); "
+                  f"ahead of time: request + weights {r['request_and_weights_s']:.2f} s, trace {r['trace_s']:.2f} s, "
+                  f"lower {r['lower_s']:.2f} s, compile {r['compile_s']:.2f} s")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")
 
 
