@@ -45,7 +45,7 @@ class Tuning:
     """Backend-specific formulation choices. Values never change results beyond float round-off.
 
     Attributes:
-        transposed_kernels: generation whose decode steps compute one row (batch 1, no beams, no drafting)
+        transposed_kernels: generation whose decode steps compute one row (batch 1, no beams, one sequence)
             computes with every Dense kernel transposed to ``[out, in]`` (a copy made once per params object):
             XLA CPU's matrix-vector product reads that layout fastest, while its matmuls of 2 or more rows read
             the params' ``[in, out]`` layout faster (gpt2, batch 8: 44 vs 54 ms a step); see
@@ -87,8 +87,8 @@ class Tuning:
 
     def kernels_transposed_for(self, rows: int) -> bool:
         """Whether the weights of a program whose decode steps compute ``rows`` rows (prompts x return sequences
-        x beams; a verification pass of drafted tokens counts its tokens too) get transposed kernels: under
-        :attr:`transposed_kernels`, only for one row."""
+        or x beams) get transposed kernels: under :attr:`transposed_kernels`, only for one row. Speculative
+        decoding passes the rows of its plain steps, not of its verification passes."""
         return self.transposed_kernels and rows == 1
 
 

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = dataclasses.replace(model, params=quantize_params(model.params, quantize))
     _print_precision_note(args.dtype, quantize, model.params)
-    rows = config.num_beams if config.num_beams > 1 else config.num_return_sequences  # per decode step, one prompt
+    rows = config.rows_per_prompt  # per decode step: the command generates for one prompt
     model = _owned_for_generation(model, rows)
     assistant = None
     if assistant_path is not None:

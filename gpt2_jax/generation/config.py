@@ -300,6 +300,11 @@ class GenerationConfig:
             raise ValueError(f"GenerationConfig.max_matching_ngram_size must be an integer >= 1, got "
                              f"{self.max_matching_ngram_size!r}")
 
+    @property
+    def rows_per_prompt(self) -> int:
+        """Rows a decode step computes for each prompt: the beams (beam search) or the return sequences."""
+        return self.num_beams if self.num_beams > 1 else self.num_return_sequences
+
     def eos_ids_or_none(self) -> tuple[int, ...] | None:
         """The eos ids as a tuple, or None when they are to be taken from the model config."""
         if self.eos_token_id is None:

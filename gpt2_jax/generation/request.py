@@ -48,8 +48,7 @@ class Request:
     @property
     def decode_rows(self) -> int:
         """Rows each decode step computes: prompts x beams (beam search) or x return sequences (sampling)."""
-        per_prompt = self.config.num_beams if self.config.num_beams > 1 else self.config.num_return_sequences
-        return self.batch_size * per_prompt
+        return self.batch_size * self.config.rows_per_prompt
 
 
 @struct.dataclass

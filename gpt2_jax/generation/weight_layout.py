@@ -8,7 +8,7 @@ of the params' devices) shape them:
   bound by reading the weights from memory, and XLA's CPU matrix-vector product reads a kernel laid out
   ``[out, in]`` (each output a contiguous row) faster than the ``[in, out]`` layout of the params (Hugging Face's
   ``Conv1D``): gpt2 decodes 6-15% faster on 2 cores (``benchmarks/bench_generate.py``). With 2 or more rows a step
-  (batched prompts, return sequences, beams, drafted tokens) the params' own layout is faster (gpt2 at batch 8:
+  (batched prompts, return sequences, beams) the params' own layout is faster (gpt2 at batch 8:
   44 vs 54 ms a step), so such programs get the params unchanged and no copy is made
   (:meth:`~gpt2_jax.backend.Tuning.kernels_transposed_for`). The engine gives the model each kernel transposed in
   the :data:`~gpt2_jax.layers.KERNELS_OUT_IN` collection (the tied LM head already reads ``wte`` as
@@ -260,7 +260,7 @@ def decode_weights(params, platform: str | None = None, *, tuning: Tuning | None
             all of them: gpt2-xl's 5.8 GB on the CPU). ``params`` must not be used afterwards; the result is
             not cached. What the CLIs do with the model they loaded.
         rows: the rows each decode step of the programs that take the weights computes (prompts x return sequences
-            x beams; more when drafted tokens are verified): kernels are transposed for one row only
+            or x beams): kernels are transposed for one row only
             (:meth:`~gpt2_jax.backend.Tuning.kernels_transposed_for`).
 
     Returns:
