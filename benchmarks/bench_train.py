@@ -10,7 +10,10 @@ alternate step by step so that both see the same load on a shared machine.
 MFU = model FLOPs per step / step time / peak. Model FLOPs per token follow PaLM / nanoGPT: ``6 N + 12 L T d``
 (N = matmul params including the tied LM head, excluding the position table; the second term is attention).
 The peak is *measured* in this run: the best float32 2048x2048 matmul rate of JAX and PyTorch on this machine
-(vendor peaks are not meaningful on a shared virtual CPU). On a GPU, pass ``--dtype bfloat16`` for our side.
+(vendor peaks are not meaningful on a shared virtual CPU). ``--dtype bfloat16`` runs our step in bfloat16 mixed
+precision (float32 master weights and optimizer state) and adds PyTorch's own, ``torch.autocast("cpu",
+dtype=torch.bfloat16)``, as a third runner; the float32 PyTorch loop stays as the baseline. On the CPU our bfloat16
+compute needs ``GPT2_JAX_TUNING=low_precision_compute=1`` (the CPU default computes float32; see gpt2_jax.backend).
 
     python benchmarks/bench_train.py [--model gpt2] [--batch 4] [--seq 256] [--steps 3] [--dropout both|on|off]
 """
@@ -78,8 +81,11 @@ def make_ours(config, opt_cfg, params, tokens, args, dropout: bool):
     return run, compile_s
 
 
-def make_torch(config, opt_cfg, host_state, decay, tokens, dropout: bool):
-    """``(step() -> loss, attention implementation)`` for a plain PyTorch loop on the Hugging Face model."""
+def make_torch(config, opt_cfg, host_state, decay, tokens, dropout: bool, autocast: bool = False):
+    """``(step() -> loss, attention implementation)`` for a plain PyTorch loop on the Hugging Face model.
+
+    ``autocast``: the forward pass and the loss under ``torch.autocast("cpu", dtype=torch.bfloat16)`` (PyTorch's
+    mixed precision: float32 weights, gradients and optimizer state; matmuls in bfloat16)."""
     import torch
     import transformers
 
@@ -98,8 +104,9 @@ def make_torch(config, opt_cfg, host_state, decay, tokens, dropout: bool):
 
     def run() -> float:
         optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), opt_cfg.grad_clip)
         optimizer.step()
@@ -156,6 +163,9 @@ def main() -> None:
         runners = {"ours": ours_run}
         if not args.skip_torch:
             runners["pytorch"], attn = make_torch(config, opt_cfg, host_state, decay, tokens, dropout)
+            if args.dtype == "bfloat16":  # PyTorch's own mixed precision is the peer of ours
+                runners["pytorch autocast"], _ = make_torch(config, opt_cfg, host_state, decay, tokens, dropout,
+                                                            autocast=True)
         # Alternate the two frameworks step by step, so that both see the same machine load.
         times = {k: [] for k in runners}
         losses = {k: [] for k in runners}
@@ -167,12 +177,15 @@ def main() -> None:
                     times[k].append(time.perf_counter() - t0)
         for k in runners:
             t = statistics.median(times[k])
-            what = (f"ours ({args.dtype})" if k == "ours"
-                    else f"pytorch (HF GPT2LMHeadModel, {attn} attention, AdamW foreach)")
+            what = {"ours": f"ours ({args.dtype})",
+                    "pytorch": f"pytorch float32 (HF GPT2LMHeadModel, {attn} attention, AdamW foreach)",
+                    "pytorch autocast": "pytorch autocast bfloat16"}[k]
             print(f"[{name}] {what}: step {t:.3f} s (median of {args.steps}); {tokens_per_step / t:,.0f} tokens/s; "
                   f"MFU {flops_per_step / t / peak_flops:.1%}; losses {[round(x, 4) for x in losses[k]]}")
-        if "pytorch" in times:
-            summary.append(f"{name}: {statistics.median(times['pytorch']) / statistics.median(times['ours']):.2f}x")
+        for peer in ("pytorch", "pytorch autocast"):
+            if peer in times:
+                ratio = statistics.median(times[peer]) / statistics.median(times["ours"])
+                summary.append(f"{name} vs {peer}: {ratio:.2f}x")
     if summary:
         load = os.getloadavg()
         print(f"ratio (ours / pytorch tokens/s): {'; '.join(summary)}  (load average now {load[0]:.1f})")
