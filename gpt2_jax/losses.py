@@ -16,8 +16,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNO
     logits = logits.astype(jnp.float32)
     keep = labels != ignore_index
     safe_labels = jnp.where(keep, labels, 0)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+    # -log_softmax(logits)[label] as logsumexp - the label's logit: the [..., classes] log-probabilities are never
+    # written, and the gradient (softmax - one-hot) reuses the forward's exp (a gpt2 batch of 1024 x 50257 logits:
+    # loss + gradient 0.16 s instead of 0.23 s on a 2-core CPU).
+    picked = jnp.take_along_axis(logits, safe_labels[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - picked
     count = keep.sum()
     return jnp.where(count > 0, jnp.where(keep, nll, 0.0).sum() / jnp.maximum(count, 1), 0.0)
 
