@@ -161,6 +161,7 @@ def main() -> None:
         ours_run, compile_s = make_ours(config, opt_cfg, params, tokens, args, dropout)
         print(f"[{name}] ours: compile {compile_s:.1f} s (excluded below)")
         runners = {"ours": ours_run}
+        attn = None
         if not args.skip_torch:
             runners["pytorch"], attn = make_torch(config, opt_cfg, host_state, decay, tokens, dropout)
             if args.dtype == "bfloat16":  # PyTorch's own mixed precision is the peer of ours
