@@ -1,0 +1,84 @@
+"""Which Dense-kernel layout XLA runs faster for a decode step of a few rows, on this machine.
+
+A jitted chain of gpt2's 12 MLPs (``x + tanh(x W1) W2``, 226 MB of float32 weights, random values) is timed with the
+kernels as the params store them, ``[in, out]``, and transposed, ``[out, in]`` (what generation uses on the CPU for
+one-row decode, :attr:`gpt2_jax.backend.Tuning.transposed_kernels`), for each row count. Both layouts run in the same
+process, alternating, so the ratio is a same-run comparison. Also printed: the weight bytes read per second and the
+fraction of the bound ``max(bytes / bandwidth, flops / peak)`` with the peaks measured in this run (as ``gpt2-jax
+bench`` does).
+
+The answer depends on the machine kind: on a 2-core AMD EPYC Zen 4 VM ``[in, out]`` was the faster at 8 rows (a gpt2
+decode step, 44 vs 54 ms); on a Zen 1 VM (2026-12-06, three runs) ``[out, in]`` was 1.00-1.22x as fast at 8 rows and
+1.25x at 32 rows, and 1.7x at one row (100% of the bandwidth bound).
+
+    python benchmarks/bench_kernel_layout.py [--rows 1 2 8 32] [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import median_seconds  # noqa: E402
+
+D_MODEL, D_INNER, LAYERS = 768, 3072, 12
+
+
+def chain_in_out(x, up, down):
+    """``x [rows, d]`` through the MLPs with kernels ``[in, out]``."""
+    for w1, w2 in zip(up, down):
+        x = x + jnp.tanh(x @ w1) @ w2  # [rows, d] -> [rows, inner] -> [rows, d]
+    return x
+
+
+def chain_out_in(x, up, down):
+    """The same with kernels ``[out, in]``."""
+    for w1, w2 in zip(up, down):
+        x = x + jnp.einsum("ro,io->ri", jnp.tanh(jnp.einsum("ri,oi->ro", x, w1)), w2)
+    return x
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 32])
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+
+    from gpt2_jax.inspect.peaks import measure_peaks
+
+    rng = np.random.default_rng(0)
+    up = [jnp.asarray(rng.standard_normal((D_MODEL, D_INNER), np.float32) * 0.02) for _ in range(LAYERS)]
+    down = [jnp.asarray(rng.standard_normal((D_INNER, D_MODEL), np.float32) * 0.02) for _ in range(LAYERS)]
+    layouts = {
+        "[in,out]": (jax.jit(chain_in_out), up, down),
+        "[out,in]": (jax.jit(chain_out_in), [w.T.copy() for w in up], [w.T.copy() for w in down]),
+    }
+    weight_bytes = 2 * LAYERS * D_MODEL * D_INNER * 4
+    measured = measure_peaks(dtypes=("float32",))
+    peaks = {"bandwidth": measured.bandwidth_gbs * 1e9, "flops": measured.tflops["float32"] * 1e12}
+    print(f"{LAYERS} gpt2 MLPs, {weight_bytes / 1e6:.0f} MB float32; {jax.devices()[0].platform}, {os.cpu_count()} "
+          f"CPUs, load average {os.getloadavg()[0]:.1f}; measured peaks {peaks['bandwidth'] / 1e9:.0f} GB/s, "
+          f"{peaks['flops'] / 1e9:.0f} GFLOP/s")
+    for rows in args.rows:
+        x = jnp.ones((rows, D_MODEL), jnp.float32)
+        flops = 2 * rows * weight_bytes / 4
+        bound = max(weight_bytes / peaks["bandwidth"], flops / peaks["flops"])
+        seconds = {}
+        for name, (fn, w1, w2) in layouts.items():
+            fn(x, w1, w2).block_until_ready()
+        for name, (fn, w1, w2) in layouts.items():
+            seconds[name] = median_seconds(lambda: fn(x, w1, w2).block_until_ready(), args.runs)
+        parts = [f"{name} {s * 1e3:.1f} ms ({weight_bytes / s / 1e9:.1f} GB/s, {bound / s:.0%} of bound)"
+                 for name, s in seconds.items()]
+        print(f"rows {rows:3d}: {'; '.join(parts)}; [out,in] / [in,out] speed "
+              f"{seconds['[in,out]'] / seconds['[out,in]']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
