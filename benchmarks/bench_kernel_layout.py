@@ -3,7 +3,7 @@
 A jitted chain of gpt2's 12 MLPs (``x + tanh(x W1) W2``, 226 MB of float32 weights, random values) is timed with the
 kernels as the params store them, ``[in, out]``, and transposed, ``[out, in]`` (what generation uses on the CPU for
 one-row decode, :attr:`gpt2_jax.backend.Tuning.transposed_kernels`), for each row count. Both layouts run in the same
-process, alternating, so the ratio is a same-run comparison. Also printed: the weight bytes read per second and the
+process, one after the other for each row count, so the ratio is a same-run comparison. Also printed: the weight bytes read per second and the
 fraction of the bound ``max(bytes / bandwidth, flops / peak)`` with the peaks measured in this run (as ``gpt2-jax
 bench`` does).
 
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
 
+    from gpt2_jax.inspect.bench import roofline_fraction
     from gpt2_jax.inspect.peaks import measure_peaks
 
     rng = np.random.default_rng(0)
@@ -61,20 +62,20 @@ def main() -> None:
     }
     weight_bytes = 2 * LAYERS * D_MODEL * D_INNER * 4
     measured = measure_peaks(dtypes=("float32",))
-    peaks = {"bandwidth": measured.bandwidth_gbs * 1e9, "flops": measured.tflops["float32"] * 1e12}
+    peaks = {"bandwidth_gbs": measured.bandwidth_gbs, "tflops": measured.tflops["float32"]}
     print(f"{LAYERS} gpt2 MLPs, {weight_bytes / 1e6:.0f} MB float32; {jax.devices()[0].platform}, {os.cpu_count()} "
-          f"CPUs, load average {os.getloadavg()[0]:.1f}; measured peaks {peaks['bandwidth'] / 1e9:.0f} GB/s, "
-          f"{peaks['flops'] / 1e9:.0f} GFLOP/s")
+          f"CPUs, load average {os.getloadavg()[0]:.1f}; measured peaks {peaks['bandwidth_gbs']:.0f} GB/s, "
+          f"{peaks['tflops'] * 1e3:.0f} GFLOP/s")
     for rows in args.rows:
         x = jnp.ones((rows, D_MODEL), jnp.float32)
         flops = 2 * rows * weight_bytes / 4
-        bound = max(weight_bytes / peaks["bandwidth"], flops / peaks["flops"])
         seconds = {}
         for name, (fn, w1, w2) in layouts.items():
             fn(x, w1, w2).block_until_ready()
         for name, (fn, w1, w2) in layouts.items():
             seconds[name] = median_seconds(lambda: fn(x, w1, w2).block_until_ready(), args.runs)
-        parts = [f"{name} {s * 1e3:.1f} ms ({weight_bytes / s / 1e9:.1f} GB/s, {bound / s:.0%} of bound)"
+        parts = [f"{name} {s * 1e3:.1f} ms ({weight_bytes / s / 1e9:.1f} GB/s, "
+                 f"{roofline_fraction(s, weight_bytes, flops, peaks):.0%} of bound)"
                  for name, s in seconds.items()]
         print(f"rows {rows:3d}: {'; '.join(parts)}; [out,in] / [in,out] speed "
               f"{seconds['[in,out]'] / seconds['[out,in]']:.2f}x")
