@@ -1,4 +1,4 @@
-"""Which Dense-kernel layout XLA runs faster for a decode step of a few rows, on this machine.
+"""Which Dense-kernel layout and which dot implementation XLA runs faster for a decode step of a few rows, here.
 
 A jitted chain of gpt2's 12 MLPs (``x + tanh(x W1) W2``, 226 MB of float32 weights, random values) is timed with the
 kernels as the params store them, ``[in, out]``, and transposed, ``[out, in]`` (what generation uses on the CPU for
@@ -11,7 +11,15 @@ The answer depends on the machine kind: on a 2-core AMD EPYC Zen 4 VM ``[in, out
 decode step, 44 vs 54 ms); on a Zen 1 VM (2026-12-06, three runs) ``[out, in]`` was 1.00-1.22x as fast at 8 rows and
 1.25x at 32 rows, and 1.7x at one row (100% of the bandwidth bound).
 
-    python benchmarks/bench_kernel_layout.py [--rows 1 2 8 32] [--runs 15]
+On the CPU each layout is also compiled a second time with XLA's own dot emitters instead of YNNPACK's (jax 0.10.2
+routes every dot and reduction to a YNNPACK fusion by default), through the per-program compiler option
+``xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`` (YNNPACK keeps the reductions only); no process-
+wide ``XLA_FLAGS`` needed. On the Zen 1 VM (2026-12-06, two runs) XLA's own dots ran the ``[in, out]`` chain 1.6-2.1x
+as fast as YNNPACK at 8 rows (23-24 vs 37-52 ms; 55% of the bound instead of 34%), 1.35x at 32 rows, 0.8-1.1x at 64
+rows; with ``[out, in]`` kernels they were 3-5x slower. Stop 22 measured the opposite on Zen 4 (XLA's dots at 8 rows
+2x slower than YNNPACK, single-threaded), so neither lowering is right on both machine kinds.
+
+    python benchmarks/bench_kernel_layout.py [--rows 1 2 8 32] [--runs 15] [--no-xla-dots]
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import median_seconds  # noqa: E402
 
 D_MODEL, D_INNER, LAYERS = 768, 3072, 12
+#: Per-program XLA CPU option: YNNPACK fuses reductions only, dots go to XLA's own emitters.
+XLA_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 def chain_in_out(x, up, down):
@@ -48,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 32])
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--no-xla-dots", action="store_true", help="time YNNPACK's dots only (the default lowering)")
     args = parser.parse_args()
 
     from gpt2_jax.inspect.bench import roofline_fraction
@@ -56,10 +67,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     up = [jnp.asarray(rng.standard_normal((D_MODEL, D_INNER), np.float32) * 0.02) for _ in range(LAYERS)]
     down = [jnp.asarray(rng.standard_normal((D_INNER, D_MODEL), np.float32) * 0.02) for _ in range(LAYERS)]
+    up_t, down_t = [w.T.copy() for w in up], [w.T.copy() for w in down]
     layouts = {
         "[in,out]": (jax.jit(chain_in_out), up, down),
-        "[out,in]": (jax.jit(chain_out_in), [w.T.copy() for w in up], [w.T.copy() for w in down]),
+        "[out,in]": (jax.jit(chain_out_in), up_t, down_t),
     }
+    if jax.devices()[0].platform == "cpu" and not args.no_xla_dots:
+        layouts["[in,out] xla-dots"] = (jax.jit(chain_in_out, compiler_options=XLA_DOTS), up, down)
+        layouts["[out,in] xla-dots"] = (jax.jit(chain_out_in, compiler_options=XLA_DOTS), up_t, down_t)
     weight_bytes = 2 * LAYERS * D_MODEL * D_INNER * 4
     measured = measure_peaks(dtypes=("float32",))
     peaks = {"bandwidth_gbs": measured.bandwidth_gbs, "tflops": measured.tflops["float32"]}
@@ -77,8 +92,9 @@ def main() -> None:
         parts = [f"{name} {s * 1e3:.1f} ms ({weight_bytes / s / 1e9:.1f} GB/s, "
                  f"{roofline_fraction(s, weight_bytes, flops, peaks):.0%} of bound)"
                  for name, s in seconds.items()]
-        print(f"rows {rows:3d}: {'; '.join(parts)}; [out,in] / [in,out] speed "
-              f"{seconds['[in,out]'] / seconds['[out,in]']:.2f}x")
+        ratios = ", ".join(f"{name} {seconds['[in,out]'] / s:.2f}x" for name, s in seconds.items()
+                           if name != "[in,out]")
+        print(f"rows {rows:3d}: {'; '.join(parts)}; speed vs [in,out]: {ratios}")
 
 
 if __name__ == "__main__":
