@@ -63,6 +63,10 @@ class Tuning:
         attention: one of :data:`ATTENTION_IMPLS`, used when attention probabilities are not requested.
         low_precision_compute: bfloat16 (or other narrow) weights are computed in that dtype; off, they are stored
             narrow but computed in float32 (XLA CPU's bfloat16 matrix-vector products crawl at ~1 GB/s).
+        row_major_bf16_dots: the Dense and LM-head matmuls of a bfloat16 computation go through
+            :func:`gpt2_jax.narrow_dots.matmul`: float32 results, and a backward pass whose products read
+            row-major ``[M, K] x [K, N]`` operands, the only bfloat16 dots XLA CPU runs natively (2x its float32
+            rate with AVX512-BF16); off, plain bfloat16 dots, which XLA CPU converts to float32.
     """
 
     transposed_kernels: bool = False
@@ -73,6 +77,7 @@ class Tuning:
     cut_block_gradients: bool = False
     attention: str = "xla"
     low_precision_compute: bool = True
+    row_major_bf16_dots: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
@@ -103,6 +108,7 @@ PLATFORM_DEFAULTS: dict[str, Tuning] = {
         cut_block_gradients=True,
         attention="explicit",
         low_precision_compute=False,
+        row_major_bf16_dots=True,
     ),
     "gpu": Tuning(attention="cudnn"),
     "tpu": Tuning(attention="xla"),

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from . import narrow_dots
 from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import write_slots
@@ -169,12 +170,16 @@ class Dense(nn.Module):
     int8 values are converted to ``dtype`` inside the matmul and its output channels scaled. When the variables
     carry a LoRA adapter in :data:`LORA_COLLECTION`, it adds ``dropout(x) @ lora_A @ lora_B * scale``
     (:mod:`gpt2_jax.lora`; the dropout only when a :data:`LORA_DROPOUT_RNG` stream is given).
+    With a ``tuning`` whose :attr:`~gpt2_jax.backend.Tuning.row_major_bf16_dots` is on, a bfloat16 layer computes
+    ``x @ kernel`` through :func:`gpt2_jax.narrow_dots.matmul` (float32 accumulation, XLA CPU's native bfloat16
+    kernel in the forward and backward pass).
     """
 
     features: int
     std: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    tuning: Any = None  # gpt2_jax.backend.Tuning or None (the plain dot)
 
     @nn.compact
     def __call__(self, x):
@@ -193,7 +198,10 @@ class Dense(nn.Module):
         else:
             kernel = self.param("kernel", nn.initializers.normal(self.std), (x.shape[-1], self.features),
                                 self.param_dtype)
-            y = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+            if narrow_dots.applies(self.dtype, self.tuning):
+                y = narrow_dots.matmul(x, kernel.astype(self.dtype)).astype(self.dtype)
+            else:
+                y = jax.lax.dot_general(x, kernel.astype(self.dtype), (((x.ndim - 1,), (0,)), ((), ())))
         if quantized is not None:  # int8 values converted inside the matmul, one scale per output channel
             kernel, spec = quantized
             y = jnp.einsum(spec, x, kernel.q.astype(self.dtype)) * kernel.scale.reshape(-1).astype(self.dtype)
@@ -231,9 +239,10 @@ def dense_kernel(module: Dense) -> jax.Array:
     return kernel.T if transposed else kernel
 
 
-def dense(features: int, std: float, dtype, param_dtype, name: str) -> Dense:
-    """A :class:`Dense` layer (``kernel [in, out]``, ``bias``) initialised with normal(std) weights, zero bias."""
-    return Dense(features, std, dtype, param_dtype, name=name)
+def dense(features: int, std: float, dtype, param_dtype, name: str, tuning=None) -> Dense:
+    """A :class:`Dense` layer (``kernel [in, out]``, ``bias``) initialised with normal(std) weights, zero bias,
+    computing under ``tuning`` (:class:`gpt2_jax.backend.Tuning`; None: the plain dot)."""
+    return Dense(features, std, dtype, param_dtype, tuning=tuning, name=name)
 
 
 # Gradient cut (a CPU tuning, :attr:`gpt2_jax.backend.Tuning.cut_block_gradients`) --------------------------------
@@ -356,7 +365,7 @@ class GPT2Attention(nn.Module):
         cfg = self.config
         batch, length, _ = x.shape
         resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        qkv = dense(3 * cfg.n_embd, cfg.initializer_range, self.dtype, self.param_dtype, "c_attn")(x)
+        qkv = dense(3 * cfg.n_embd, cfg.initializer_range, self.dtype, self.param_dtype, "c_attn", self.tuning)(x)
         # [batch, T, 3 * n_embd] -> 3 x [batch, T, n_head, head_dim]
         q, k, v = (t.reshape(batch, length, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         hooks = self.hooks
@@ -389,7 +398,7 @@ class GPT2Attention(nn.Module):
             out = fused_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), visible, scale,
                                   causal_only=self.causal_only, implementation=self.tuning.attention)
         out = hook_point(hooks, "hook_z", out)  # [batch, T, n_head, head_dim]
-        proj = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")
+        proj = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj", self.tuning)
         flat = out.reshape(batch, length, cfg.n_embd)  # [batch, T, n_head, head_dim] -> [batch, T, n_embd]
         if hook_wanted(hooks, "hook_result"):  # per-head outputs, computed only when asked for
             proj(flat)  # binds (or creates) c_proj's params; its value is unused
@@ -411,15 +420,16 @@ class GPT2MLP(nn.Module):
     param_dtype: Dtype = jnp.float32
     deterministic: bool = True
     hooks: Any = None  # hook runner scoped to ``blocks.{l}.mlp``
+    tuning: Any = None  # gpt2_jax.backend.Tuning of the matmuls (None: the plain dot)
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         resid_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        h = dense(cfg.inner_dim, cfg.initializer_range, self.dtype, self.param_dtype, "c_fc")(x)
+        h = dense(cfg.inner_dim, cfg.initializer_range, self.dtype, self.param_dtype, "c_fc", self.tuning)(x)
         h = hook_point(self.hooks, "hook_pre", h)  # [batch, T, n_inner]
         h = hook_point(self.hooks, "hook_post", ACTIVATION_FNS[cfg.activation_function](h))  # [batch, T, n_inner]
-        h = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj")(h)
+        h = dense(cfg.n_embd, resid_std, self.dtype, self.param_dtype, "c_proj", self.tuning)(h)
         return nn.Dropout(cfg.resid_pdrop)(h, deterministic=self.deterministic)
 
 
@@ -456,8 +466,9 @@ class GPT2Block(nn.Module):
         attn_out, probs, layer_cache = attn(norm("ln_1", "ln1")(x), positions, visible, layer_idx, layer_cache,
                                             cache_index, head_mask)
         x = hook_point(hooks, "hook_resid_mid", x + hook_point(hooks, "hook_attn_out", attn_out))
+        takes_tuning = "tuning" in getattr(variant.mlp, "__dataclass_fields__", {})  # a variant's MLP may not
         mlp = variant.mlp(cfg, self.dtype, self.param_dtype, self.deterministic, name="mlp",
-                          **hooks_kwarg(hook_scope(hooks, "mlp")))
+                          **hooks_kwarg(hook_scope(hooks, "mlp")), **({"tuning": self.tuning} if takes_tuning else {}))
         x = hook_point(hooks, "hook_resid_post", x + hook_point(hooks, "hook_mlp_out", mlp(norm("ln_2", "ln2")(x))))
         if self.tuning.cut_block_gradients:
             x = cut_gradient(x)

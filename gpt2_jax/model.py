@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import backend
+from . import backend, narrow_dots
 from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import KVCache, advance
@@ -292,8 +292,13 @@ class _GPT2Base(nn.Module):
             raise ValueError(f"hooks need remat_policy='none' (got {self.remat_policy!r})")
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
-        """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy)."""
+        """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy; in bfloat16
+        under :attr:`~gpt2_jax.backend.Tuning.row_major_bf16_dots`, :func:`gpt2_jax.narrow_dots.matmul`)."""
         wte = gathered(self.wte.embedding).astype(self.dtype)  # [vocab, n_embd]
+        tuning = self.tuning if self.tuning is not None else backend.tuning_for()
+        if narrow_dots.applies(self.dtype, tuning):
+            logits = narrow_dots.matmul(hidden.astype(self.dtype), wte, w_transposed=True).astype(self.dtype)
+            return constrain_rows(logits)  # [..., vocab]
         return constrain_rows(jnp.einsum("...d,vd->...v", hidden, wte))  # [..., vocab]
 
 
