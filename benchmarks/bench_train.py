@@ -15,6 +15,10 @@ precision (float32 master weights and optimizer state) and adds PyTorch's own, `
 dtype=torch.bfloat16)``, as a third runner; the float32 PyTorch loop stays as the baseline. On the CPU our bfloat16
 compute needs ``GPT2_JAX_TUNING=low_precision_compute=1`` (the CPU default computes float32; see gpt2_jax.backend).
 
+The bench restarts itself once with glibc keeping freed memory, as ``gpt2-jax train`` does (:mod:`gpt2_jax.heap`:
+otherwise XLA's per-step temporary block is faulted in again every step, and more slowly right after a PyTorch
+step); both frameworks run under the same setting. ``--no-keep-heap`` runs with glibc's defaults.
+
     python benchmarks/bench_train.py [--model gpt2] [--batch 4] [--seq 256] [--steps 3] [--dropout both|on|off]
 """
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import jax
@@ -126,7 +131,14 @@ def main() -> None:
     parser.add_argument("--dropout", choices=("both", "on", "off"), default="both",
                         help="on: dropout 0.1 (GPT-2's config) in both frameworks; off: none (identical losses)")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--no-keep-heap", action="store_true",
+                        help="do not restart with glibc keeping freed memory (what `gpt2-jax train` does, "
+                             "gpt2_jax.heap); the setting applies to both frameworks alike")
     args = parser.parse_args()
+    from gpt2_jax import heap
+
+    if not args.no_keep_heap:
+        heap.restart_with_kept_heap([os.path.abspath(__file__), *sys.argv[1:]])
 
     import torch
 
@@ -148,6 +160,8 @@ def main() -> None:
           f"{tokens_per_step} tokens/step, {flops_per_step / 1e12:.3f} TFLOP/step; {jax.devices()[0].platform} "
           f"x{jax.device_count()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    kept = all(os.environ.get(k) == v for k, v in heap.KEPT_HEAP_SETTINGS.items())
+    print(f"malloc: {'freed memory kept (gpt2_jax.heap, as gpt2-jax train runs)' if kept else 'glibc defaults'}")
     peak = measure_peak()
     peak_flops = max(peak.values())
     print(f"measured float32 matmul peak: jax {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} GFLOP/s "

@@ -11,6 +11,7 @@ import importlib
 import os
 import sys
 
+from . import heap
 from .errors import CLIError  # re-exported: it lives below every CLI
 from .helptext import clean_parser_help
 
@@ -28,6 +29,9 @@ COMMANDS = {
     "info": "gpt2_jax.inspect.info",
     "bench": "gpt2_jax.inspect.bench",
 }
+#: Commands whose process restarts once with glibc keeping freed memory (:mod:`gpt2_jax.heap`): training's steps
+#: re-fault a gigabyte-sized XLA temporary block every call otherwise.
+KEEPS_HEAP = ("train",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +77,8 @@ def _exit_now(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gpt2-jax`` console script."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in KEEPS_HEAP:  # the command's own process (not a caller's main(argv))
+        heap.restart_with_kept_heap(["-m", "gpt2_jax.cli", *sys.argv[1:]])
     _warn_undecodable_text(args)
     try:
         return int(args.func(args) or 0)
