@@ -125,8 +125,9 @@ def main() -> None:
     parser.add_argument("--model", default="gpt2", help="GPT-2 preset (architecture only; random weights)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per framework and mode")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per framework and mode")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps after compilation (the kept heap settles after a few steps)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype")
     parser.add_argument("--dropout", choices=("both", "on", "off"), default="both",
                         help="on: dropout 0.1 (GPT-2's config) in both frameworks; off: none (identical losses)")
