@@ -10,7 +10,8 @@ alternate step by step so that both see the same load on a shared machine.
 MFU = model FLOPs per step / step time / peak. Model FLOPs per token follow PaLM / nanoGPT: ``6 N + 12 L T d``
 (N = matmul params including the tied LM head, excluding the position table; the second term is attention).
 The peak is *measured* in this run: the best float32 2048x2048 matmul rate of JAX and PyTorch on this machine
-(vendor peaks are not meaningful on a shared virtual CPU). ``--dtype bfloat16`` runs our step in bfloat16 mixed
+(vendor peaks are not meaningful on a shared virtual CPU); bfloat16 runs are also measured against that float32
+peak, so on a CPU with native bfloat16 dot products their MFU can pass 100%. ``--dtype bfloat16`` runs our step in bfloat16 mixed
 precision (float32 master weights and optimizer state) and adds PyTorch's own, ``torch.autocast("cpu",
 dtype=torch.bfloat16)``, as a third runner; the float32 PyTorch loop stays as the baseline. On the CPU our bfloat16
 compute needs ``GPT2_JAX_TUNING=low_precision_compute=1`` (the CPU default computes float32; see gpt2_jax.backend).
