@@ -46,9 +46,9 @@ def _row_major_dot(a: jax.Array, b: jax.Array) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_2d(a: jax.Array, b: jax.Array, b_transposed: bool) -> jax.Array:
     """``a [M, K] @ b [K, N]`` (or ``@ b.T`` for ``b [N, K]`` when ``b_transposed``) -> float32 ``[M, N]``."""
-    if b_transposed:
+    if b_transposed and a.shape[0] > 1:  # XLA's kernel never takes one row: no transposed copy of b for it
         return _row_major_dot(a, b.T)
-    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+    return jnp.dot(a, b.T if b_transposed else b, preferred_element_type=jnp.float32)
 
 
 def _matmul_2d_fwd(a, b, b_transposed):
