@@ -74,10 +74,12 @@ def measure_bandwidth(device: Any = None, n_bytes: int | None = None, runs: int 
 
 def measure_matmul_tflops(dtype: Any = "float32", device: Any = None, target_s: float = 0.02,
                           max_n: int = 8192, runs: int = 3) -> tuple[float, int]:
-    """Matmul rate in TFLOP/s of a jitted square ``[n, n] @ [n, n]`` product in ``dtype`` on ``device``:
-    ``(best TFLOP/s, n)``; ``n`` doubles from 512 until one product takes ``target_s`` or reaches ``max_n``."""
+    """Matmul rate in TFLOP/s of a jitted square ``[n, n] @ [n, n]`` product of ``dtype`` operands accumulated into
+    float32 (how mixed precision computes, and the only bfloat16 form XLA CPU runs on its native kernel: a bfloat16
+    result runs at the float32 rate there) on ``device``: ``(best TFLOP/s, n)``; ``n`` doubles from 512 until one
+    product takes ``target_s`` or reaches ``max_n``."""
     device = device or jax.devices()[0]
-    matmul = jax.jit(jnp.matmul)
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     n = 512
     while True:
         key_a, key_b = jax.random.split(jax.random.PRNGKey(n))
