@@ -20,7 +20,8 @@ The bench restarts itself once with glibc keeping freed memory, as ``gpt2-jax tr
 otherwise XLA's per-step temporary block is faulted in again every step, and more slowly right after a PyTorch
 step); both frameworks run under the same setting. ``--no-keep-heap`` runs with glibc's defaults.
 
-    python benchmarks/bench_train.py [--model gpt2] [--batch 4] [--seq 256] [--steps 3] [--dropout both|on|off]
+    python benchmarks/bench_train.py [--model gpt2] [--batch 4] [--seq 256] [--steps 5] [--warmup 3] [--dropout both|on|off]
+        [--dtype bfloat16] [--no-keep-heap]
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ class _GPT2Base(nn.Module):
                 f"scan_layers={cfg.scan_layers}; build it with KVCache.init(config, ...) for this config"
             )
         fields = dict(
-            config=cfg, tuning=self.tuning if self.tuning is not None else backend.tuning_for(),
+            config=cfg, tuning=self._resolved_tuning(),
             dtype=self.dtype, param_dtype=self.param_dtype, deterministic=deterministic,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
             causal_only=attention_mask is None and cache is None,
@@ -291,12 +291,15 @@ class _GPT2Base(nn.Module):
         if self.remat_policy != "none":
             raise ValueError(f"hooks need remat_policy='none' (got {self.remat_policy!r})")
 
+    def _resolved_tuning(self) -> Tuning:
+        """``tuning``, or when None the defaults of JAX's default backend (:func:`gpt2_jax.backend.tuning_for`)."""
+        return self.tuning if self.tuning is not None else backend.tuning_for()
+
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy; in bfloat16
         under :attr:`~gpt2_jax.backend.Tuning.row_major_bf16_dots`, :func:`gpt2_jax.narrow_dots.matmul`)."""
         wte = gathered(self.wte.embedding).astype(self.dtype)  # [vocab, n_embd]
-        tuning = self.tuning if self.tuning is not None else backend.tuning_for()
-        if narrow_dots.applies(self.dtype, tuning):
+        if narrow_dots.applies(self.dtype, self._resolved_tuning()):
             logits = narrow_dots.matmul(hidden.astype(self.dtype), wte, w_transposed=True).astype(self.dtype)
             return constrain_rows(logits)  # [..., vocab]
         return constrain_rows(jnp.einsum("...d,vd->...v", hidden, wte))  # [..., vocab]

@@ -40,16 +40,19 @@ def _swap_halves(a: jax.Array, axis: int) -> jax.Array:
 
 def _row_major_dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a [M, K] @ b [K, N]`` in float32, either operand possibly a transposed view: the same permutation of K on
-    both makes XLA copy each one row-major instead of folding the transpose into the dot."""
+    both makes XLA copy each one row-major instead of folding the transpose into the dot. A product with one row
+    or one column never reaches XLA's bfloat16 kernel, so it gets the plain dot (no copies made for nothing)."""
+    if a.shape[0] == 1 or b.shape[1] == 1:
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
     return jnp.dot(_swap_halves(a, 1), _swap_halves(b, 0), preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_2d(a: jax.Array, b: jax.Array, b_transposed: bool) -> jax.Array:
     """``a [M, K] @ b [K, N]`` (or ``@ b.T`` for ``b [N, K]`` when ``b_transposed``) -> float32 ``[M, N]``."""
-    if b_transposed and a.shape[0] > 1:  # XLA's kernel never takes one row: no transposed copy of b for it
+    if b_transposed:
         return _row_major_dot(a, b.T)
-    return jnp.dot(a, b.T if b_transposed else b, preferred_element_type=jnp.float32)
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
 def _matmul_2d_fwd(a, b, b_transposed):
