@@ -105,3 +105,100 @@ def test_bfloat16_model_loss_and_gradients_match_the_plain_dots():
                                                                                                       grads_off))
     assert np.linalg.norm(flat_on - flat_off) <= 2.0**-5 * np.linalg.norm(flat_off)
     assert jax.tree_util.tree_structure(grads_on) == jax.tree_util.tree_structure(grads_off)
+
+
+# (batch axes, M, K, N): even sizes (copied row-major), odd ones (left to XLA's float32 conversion), one row
+BATCHED_SHAPES = [((2, 3), 16, 8, 12), ((2,), 7, 5, 9), ((2, 2), 1, 8, 6)]
+
+
+@pytest.mark.parametrize("b_transposed", [False, True])
+@pytest.mark.parametrize("lead,m,k,n", BATCHED_SHAPES)
+def test_batched_matmul_and_its_gradients_match_float64(lead, m, k, n, b_transposed):
+    ka, kb, kc = jax.random.split(jax.random.PRNGKey(m * 100 + k), 3)
+    a, b = _bf16(ka, lead + (m, k)), _bf16(kb, lead + ((n, k) if b_transposed else (k, n)))
+    cot = jax.random.normal(kc, lead + (m, n), jnp.float32)
+    y, vjp = jax.vjp(lambda p, q: narrow_dots.batched_matmul(p, q, b_transposed=b_transposed), a, b)
+    grad_a, grad_b = vjp(cot)
+    assert y.dtype == jnp.float32 and y.shape == lead + (m, n)
+    assert grad_a.dtype == grad_b.dtype == jnp.bfloat16 and grad_b.shape == b.shape
+
+    a64, c64 = np.asarray(a, np.float64), np.asarray(cot, np.float64)
+    b64 = np.asarray(b, np.float64)
+    b64 = np.swapaxes(b64, -1, -2) if b_transposed else b64  # [..., K, N]
+    # the bounds of the two-dimensional test above, per batch index
+    np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - a64 @ b64),
+                                 k * 2.0**-23 * (np.abs(a64) @ np.abs(b64)) + 1e-30)
+    ref_a, bound_a = c64 @ np.swapaxes(b64, -1, -2), np.abs(c64) @ np.abs(np.swapaxes(b64, -1, -2))
+    ref_b, bound_b = np.swapaxes(a64, -1, -2) @ c64, np.abs(np.swapaxes(a64, -1, -2)) @ np.abs(c64)
+    got_b = np.asarray(grad_b, np.float64)
+    got_b = np.swapaxes(got_b, -1, -2) if b_transposed else got_b
+    np.testing.assert_array_less(np.abs(np.asarray(grad_a, np.float64) - ref_a), 2.0**-7 * bound_a + 1e-30)
+    np.testing.assert_array_less(np.abs(got_b - ref_b), 2.0**-7 * bound_b + 1e-30)
+
+
+def test_batched_matmul_rejects_other_leading_axes():
+    with pytest.raises(ValueError, match="same leading axes"):
+        narrow_dots.batched_matmul(jnp.ones((2, 4, 8), jnp.bfloat16), jnp.ones((3, 8, 5), jnp.bfloat16))
+
+
+@pytest.mark.parametrize("shape,perm", [((2, 6, 3, 4), (0, 2, 1, 3)), ((4, 6), (1, 0)), ((3, 5, 7), (2, 0, 1)),
+                                        ((2, 3), (0, 1))])
+def test_transpose_is_exactly_the_transpose(shape, perm):
+    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    got = jax.jit(lambda a: narrow_dots.transpose(a, perm))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(x).transpose(perm))
+    # and its gradient is the inverse transpose
+    cot = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(got.shape) + 0.5
+    grad = jax.vjp(lambda a: narrow_dots.transpose(a, perm), x)[1](cot)[0]
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(cot).transpose(np.argsort(perm)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the row-major form is what XLA CPU needs")
+def test_attention_shaped_products_read_bfloat16_on_cpu():
+    """Heads moved by a transpose (a view XLA folds into the dot, which its bfloat16 kernel then refuses) and then
+    multiplied as attention does: with narrow_dots.transpose and batched_matmul all six products stay bfloat16."""
+    q, k, v = (jnp.ones((2, 32, 4, 16), jnp.bfloat16) for _ in range(3))  # [batch, T, n_head, head_dim]
+
+    def attention(q, k, v):
+        heads = lambda t: narrow_dots.transpose(t, (0, 2, 1, 3))  # -> [batch, n_head, T, head_dim]
+        scores = narrow_dots.batched_matmul(heads(q), heads(k), b_transposed=True)  # [batch, n_head, T, T]
+        probs = jax.nn.softmax(scores, axis=-1).astype(jnp.bfloat16)
+        out = narrow_dots.batched_matmul(probs, heads(v)).astype(jnp.bfloat16)  # [batch, n_head, T, head_dim]
+        return jnp.sum(narrow_dots.transpose(out, (0, 2, 1, 3)).astype(jnp.float32) ** 2)
+
+    hlo = jax.jit(jax.value_and_grad(attention, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    dots = _dot_operand_dtypes(hlo)
+    assert len(dots) == 6 and all(dtypes == ("bf16", "bf16") for dtypes in dots), dots
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA CPU's lowering of a bfloat16 reduction")
+def test_bfloat16_model_gradient_reads_bfloat16_everywhere_on_cpu():
+    """The whole tiny model's training gradient under the tuning: every product (the layers', attention's, the LM
+    head's) reads bfloat16 operands."""
+    params = init_params(jax.random.PRNGKey(0), TINY)
+    ids = jnp.zeros((2, 16), jnp.int32)
+    tuning = backend.tuning_for(params).replace(row_major_bf16_dots=True, low_precision_compute=True)
+    model = GPT2LMHeadModel(TINY, dtype=jnp.bfloat16, tuning=tuning)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, ids).logits.astype(jnp.float32) ** 2)
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(params).compile().as_text()
+    dots = _dot_operand_dtypes(hlo)
+    assert dots and all(dtypes == ("bf16", "bf16") for dtypes in dots), dots
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA CPU's lowering of a bfloat16 reduction")
+def test_bias_gradient_of_a_bfloat16_layer_is_a_float32_reduction():
+    """The bias is added to the float32 product, so its gradient (a sum over all rows) is a float32 reduction:
+    XLA CPU lowers a bfloat16 one as a reduce-window loop, ~30x slower."""
+    from gpt2_jax.layers import Dense
+
+    tuning = backend.tuning_for().replace(row_major_bf16_dots=True, low_precision_compute=True)
+    layer = Dense(features=96, std=0.02, dtype=jnp.bfloat16, tuning=tuning)
+    x = jnp.ones((4, 256, 64), jnp.bfloat16)  # enough rows for XLA to split a bfloat16 sum into a reduce-window
+    params = layer.init(jax.random.PRNGKey(0), x)
+    weights = jax.random.normal(jax.random.PRNGKey(1), (4 * 256 * 96,), jnp.float32)
+    loss = lambda p, a, w: jnp.vdot(layer.apply(p, a).astype(jnp.float32).ravel(), w)  # a dot: no reduction
+    hlo = jax.jit(jax.grad(loss)).lower(params, x, weights).compile().as_text()  # arguments: nothing folds
+    assert "reduce-window(" not in hlo
+    # and the test can see one: the same sum in bfloat16 is lowered that way
+    plain = jax.jit(lambda g: jax.lax.reduce_sum(g, (0, 1))).lower(jnp.ones((4, 256, 96), jnp.bfloat16))
+    assert "reduce-window(" in plain.compile().as_text()
