@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import narrow_dots
+from . import narrow_dots, weights_first
 from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import write_slots
@@ -191,6 +191,8 @@ class Dense(nn.Module):
             kernel_t = self.get_variable(KERNELS_OUT_IN, "kernel")  # [out, in]
             if is_quantized(kernel_t):
                 quantized = (kernel_t, "...i,oi->...o")
+            elif self.tuning is not None and self.tuning.kernels_as_lhs:
+                y = weights_first.matmul_out_in(x, kernel_t.astype(self.dtype))
             else:
                 y = jnp.einsum("...i,oi->...o", x, kernel_t.astype(self.dtype))
         elif self.has_variable("params", "kernel") and is_quantized(self.get_variable("params", "kernel")):

@@ -19,6 +19,7 @@ to reproduce its forward on left-padded input.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from . import backend, narrow_dots
+from . import backend, narrow_dots, weights_first
 from .backend import Tuning
 from .config import GPT2Config
 from .kv_cache import KVCache, advance
@@ -36,6 +37,12 @@ from .layers import (Embed, GPT2BlockStack, LayerNorm, check_remat_policy, const
 from .losses import IGNORE_INDEX, causal_lm_loss, cross_entropy
 
 Dtype = Any
+
+#: Under :attr:`~gpt2_jax.backend.Tuning.kernels_as_lhs`, the tied LM head of at most this many rows (a decode or
+#: verification step: generation keeps the last position's logits only) is computed as ``(wte @ hidden^T)^T``. Its
+#: ~0.15 GB (gpt2, float32) is then read in place rather than repacked per call; at training's thousands of rows
+#: both forms measured the same, so those keep the einsum (and its plain gradient).
+LM_HEAD_WEIGHTS_FIRST_MAX_ROWS = 256
 
 
 # Outputs -------------------------------------------------------------------------------------------------------
@@ -297,11 +304,15 @@ class _GPT2Base(nn.Module):
 
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy; in bfloat16
-        under :attr:`~gpt2_jax.backend.Tuning.row_major_bf16_dots`, :func:`gpt2_jax.narrow_dots.matmul`)."""
+        under :attr:`~gpt2_jax.backend.Tuning.row_major_bf16_dots`, :func:`gpt2_jax.narrow_dots.matmul`; for the
+        few rows of a decode step under :attr:`~gpt2_jax.backend.Tuning.kernels_as_lhs`, ``(wte @ hidden^T)^T``)."""
         wte = gathered(self.wte.embedding).astype(self.dtype)  # [vocab, n_embd]
-        if narrow_dots.applies(self.dtype, self._resolved_tuning()):
+        tuning = self._resolved_tuning()
+        if narrow_dots.applies(self.dtype, tuning):
             logits = narrow_dots.matmul(hidden.astype(self.dtype), wte, w_transposed=True).astype(self.dtype)
             return constrain_rows(logits)  # [..., vocab]
+        if tuning.kernels_as_lhs and math.prod(hidden.shape[:-1]) <= LM_HEAD_WEIGHTS_FIRST_MAX_ROWS:
+            return constrain_rows(weights_first.matmul_out_in(hidden, wte))  # [..., vocab]
         return constrain_rows(jnp.einsum("...d,vd->...v", hidden, wte))  # [..., vocab]
 
 

@@ -321,11 +321,15 @@ def test_decode_program_does_not_materialise_a_transposed_wte(transposed_kernels
 
 def _whole_cache_copies(text: str, batch: int) -> list[str]:
     """Lines of compiled HLO that copy or transpose an array the size of one layer's whole cache, in any layout
-    (a transposed copy of the keys is as costly as a plain one)."""
+    (a transposed copy of the keys is as costly as a plain one). A Dense layer's own activation transposes
+    (:mod:`gpt2_jax.weights_first`) are not cache copies, though the prefill's 16 rows x ``3 n_embd`` of ``c_attn``
+    have the cache's size here."""
     size = batch * TINY.n_head * 48 * TINY.head_dim  # 16 prompt slots + 32 new-token slots
     found = []
     for line in text.splitlines():
         match = re.search(r"= f32\[([\d,]+)\]\S* (copy|transpose)\(", line)
+        if re.search(r'op_name="[^"]*/(c_attn|c_proj|c_fc)/', line):
+            continue
         if match and math.prod(int(d) for d in match.group(1).split(",")) == size:
             found.append(line.strip())
     return found

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2_jax import backend
 from gpt2_jax.config import GPT2Config
 from gpt2_jax.generation import generate
 from gpt2_jax.generation.engine import forward, init_cache
@@ -66,17 +67,22 @@ def test_generate_gives_the_same_tokens_with_and_without_the_copy(batch):
     np.testing.assert_array_equal(with_copy.sequences, without.sequences)
 
 
-def test_kernels_are_transposed_only_for_programs_stepping_one_row(monkeypatch):
-    """XLA CPU reads ``[out, in]`` kernels fastest in a matrix-vector product, ``[in, out]`` ones in matmuls of
-    several rows: the copy is made for one-row decode steps only, and several rows take the params as they are."""
+def test_kernels_are_transposed_for_several_rows_only_with_the_weights_as_left_operand(monkeypatch):
+    """Read as ``x @ W^T``, XLA CPU's ``[out, in]`` kernels win in a matrix-vector product only, and the copy is made
+    for one-row decode steps only; computed as ``(W @ x^T)^T`` (``kernels_as_lhs``, the CPU default) they win at
+    every row count, so several rows get the copy too."""
     from gpt2_jax.generation.request import build_request
 
     monkeypatch.setenv(TRANSPOSED_KERNELS_ENV, "1")
     params = tiny_params()
-    assert decode_weights(params, rows=1).kernels_out_in is not None
-    several = decode_weights(params, rows=8)
+    as_right = backend.tuning_for(params).replace(transposed_kernels=True, kernels_as_lhs=False)
+    assert decode_weights(params, rows=1, tuning=as_right).kernels_out_in is not None
+    several = decode_weights(params, rows=8, tuning=as_right)
     assert several.kernels_out_in is None and several.params is params  # no copy at all
     assert decode_weights(params, rows=1) is decode_weights(params)  # the cached one-row copy survives
+    as_left = as_right.replace(kernels_as_lhs=True)
+    assert decode_weights(params, rows=8, tuning=as_left).kernels_out_in is not None
+    assert backend.tuning_for(platform="cpu").kernels_as_lhs
 
     def rows(batch, **overrides):
         return build_request(params, TINY, prompts(batch, 5), max_new_tokens=4, **overrides).decode_rows
