@@ -111,7 +111,20 @@ def test_the_copy_is_made_once_per_params_object_and_dropped_with_it(monkeypatch
     gc.collect()
     from gpt2_jax.generation import weight_layout
 
-    assert weight_layout._LAST._weights is None  # the copy went with its params
+    assert weight_layout._LAST._entries == []  # the copies went with their params
+
+
+def test_a_target_and_its_assistant_both_stay_prepared(monkeypatch):
+    """Speculative decoding prepares two params objects per call: alternating between them reuses both copies."""
+    monkeypatch.setenv(TRANSPOSED_KERNELS_ENV, "1")
+    clear_cache()
+    target, assistant = init_params(jax.random.PRNGKey(1), TINY), init_params(jax.random.PRNGKey(2), TINY)
+    first_target, first_assistant = decode_weights(target), decode_weights(assistant)
+    assert decode_weights(target) is first_target and decode_weights(assistant) is first_assistant
+    third = init_params(jax.random.PRNGKey(3), TINY)
+    decode_weights(third)  # the least recently used (the target) makes room
+    assert decode_weights(assistant) is first_assistant
+    assert decode_weights(target) is not first_target
 
 
 def test_off_the_cpu_or_when_disabled_the_params_are_used_unchanged(monkeypatch):
