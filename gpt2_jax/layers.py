@@ -407,9 +407,9 @@ class GPT2Attention(nn.Module):
             probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=self.deterministic)
             if head_mask is not None:
                 probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
-            if narrow and probs.dtype == self.dtype:  # [batch, n_head, T, head_dim] -> [batch, T, n_head, head_dim]
-                out = narrow_dots.transpose(narrow_dots.batched_matmul(probs, v.astype(probs.dtype)).astype(probs.dtype),
-                                            (0, 2, 1, 3))
+            if narrow and probs.dtype == self.dtype:
+                out = narrow_dots.batched_matmul(probs, v.astype(probs.dtype)).astype(probs.dtype)  # [b, h, T, d]
+                out = narrow_dots.transpose(out, (0, 2, 1, 3))  # -> [batch, T, n_head, head_dim]
             else:
                 out = jnp.einsum("bhqk,bhkd->bqhd", probs, v.astype(probs.dtype))  # [batch, T, n_head, head_dim]
         else:  # [batch, n_head, S, head_dim] -> [batch, S, n_head, head_dim], the layout it takes
