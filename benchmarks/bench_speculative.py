@@ -6,7 +6,8 @@ Cases (random weights, batch 1, greedy, ``--new-tokens`` tokens, ``--k`` draft t
   case, where the fallback must stop drafting);
 * ``agree~X``: a target built to agree with the draft: the draft's weights plus ``--extra-layers`` random blocks
   whose output projections are scaled by ``s`` (:func:`gpt2_jax.generation.speculative.extend_with_layers`);
-  ``s`` is searched (bisection on the measured acceptance) to land near each ``--acceptance`` target. By default
+  ``s`` is searched (bisection on the measured acceptance) to land near each ``--acceptance`` target, or taken
+  from ``--scales`` (the acceptance falls steeply with ``s``, so the bisection can step over a rate). By default
   as many blocks are added as make the agreeing target stream as many weights per step as ``--target`` (gpt2 +
   92 blocks ~ gpt2-large), so the draft / target cost ratio is the real pair's: with too few blocks the draft is
   nearly as costly as the target and drafting cannot pay at any acceptance.
@@ -97,6 +98,9 @@ def main() -> None:
                    help="blocks added on the draft for the agreeing targets (default: as many as match --target's "
                         "weights per step)")
     p.add_argument("--acceptance", default="0.5,0.8", help="acceptance rates to aim the agreeing targets at")
+    p.add_argument("--scales", default="",
+                   help="output-projection scales of the agreeing targets to measure directly (comma-separated), "
+                        "instead of searching one per --acceptance")
     p.add_argument("--search-steps", type=int, default=6)
     p.add_argument("--search-tokens", type=int, default=48)
     p.add_argument("--skip-independent", action="store_true")
@@ -148,7 +152,13 @@ def main() -> None:
 
     if not args.skip_independent:
         case("independent", init_params(jax.random.PRNGKey(1), target_cfg), target_cfg)
-    for goal in (float(g) for g in args.acceptance.split(",") if g):
+    if args.scales:  # measured where asked: the bisection can step over an acceptance rate (it falls steeply)
+        from gpt2_jax.generation.speculative import extend_with_layers
+
+        for scale in (float(x) for x in args.scales.split(",") if x):
+            target, cfg = extend_with_layers(draft, draft_cfg, args.extra_layers, scale, jax.random.PRNGKey(1))
+            case(f"agree s={scale:.3f}", target, cfg)
+    for goal in (float(g) for g in args.acceptance.split(",") if g and not args.scales):
         scale, target, cfg, rate = find_scale(draft, draft_cfg, args.extra_layers, goal, ids, args)
         case(f"agree~{goal:.1f} s={scale:.3f}", target, cfg)
     print(f"# load average at the end: {os.getloadavg()}")
