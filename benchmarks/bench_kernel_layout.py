@@ -19,6 +19,11 @@ as fast as YNNPACK at 8 rows (23-24 vs 37-52 ms; 55% of the bound instead of 34%
 rows; with ``[out, in]`` kernels they were 3-5x slower. Stop 22 measured the opposite on Zen 4 (XLA's dots at 8 rows
 2x slower than YNNPACK, single-threaded), so neither lowering is right on both machine kinds.
 
+``[out,in] weights-first`` computes ``(W @ x^T)^T`` (:mod:`gpt2_jax.weights_first`, ``Tuning.kernels_as_lhs``): the
+weights become the GEMM's left operand, which YNNPACK reads in place instead of repacking them every call. On the
+Zen 4 VM (2026-12-07) it ran 7.8 / 8.9 / 10.5 / 22.7 / 38.4 ms at 1 / 2 / 8 / 32 / 64 rows against ``[in,out]``'s
+10.0 / 14.5 / 14.1 / 27.8 / 56.2 and ``[out,in]``'s 12.1 / 21.0 / 21.9 / 35.8 / 58.7 (one session's microbenchmark).
+
     python benchmarks/bench_kernel_layout.py [--rows 1 2 8 32] [--runs 15] [--no-xla-dots]
 """
 
@@ -54,6 +59,16 @@ def chain_out_in(x, up, down):
     return x
 
 
+def chain_weights_first(x, up, down):
+    """The same with kernels ``[out, in]`` multiplied as the GEMM's left operand, ``(W @ x^T)^T``
+    (:func:`gpt2_jax.weights_first.matmul_out_in`, what generation computes under ``kernels_as_lhs``)."""
+    from gpt2_jax.weights_first import matmul_out_in
+
+    for w1, w2 in zip(up, down):
+        x = x + matmul_out_in(jnp.tanh(matmul_out_in(x, w1)), w2)
+    return x
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 8, 32])
@@ -71,6 +86,7 @@ def main() -> None:
     layouts = {
         "[in,out]": (jax.jit(chain_in_out), up, down),
         "[out,in]": (jax.jit(chain_out_in), up_t, down_t),
+        "[out,in] weights-first": (jax.jit(chain_weights_first), up_t, down_t),
     }
     if jax.devices()[0].platform == "cpu" and not args.no_xla_dots:
         layouts["[in,out] xla-dots"] = (jax.jit(chain_in_out, compiler_options=XLA_DOTS), up, down)

@@ -8,8 +8,8 @@ and only the few activation rows are packed. Both transposes are of ``R`` rows (
 :func:`gpt2_jax.narrow_dots.transpose`, a row-major copy that XLA does not fold back into the dot (a plain ``.T``
 is folded, which turns the product back into the slow form).
 
-Chain of gpt2's 12 MLPs (226 MB float32, AMD EPYC Zen 4, 2 cores; ``/tmp``-style microbenchmark recorded in the
-stop-27 note), median ms at R rows, ``x @ W[in, out]`` / ``x @ W[out, in]^T`` / this: 1 row 10.0 / 12.1 / 7.8;
+Chain of gpt2's 12 MLPs (226 MB float32, AMD EPYC Zen 4, 2 cores; ``benchmarks/bench_kernel_layout.py`` times
+the same three forms), median ms at R rows, ``x @ W[in, out]`` / ``x @ W[out, in]^T`` / this: 1 row 10.0 / 12.1 / 7.8;
 2 rows 14.5 / 21.0 / 8.9; 8 rows 14.1 / 21.9 / 10.5; 32 rows 27.8 / 35.8 / 22.7; 64 rows 56.2 / 58.7 / 38.4;
 128 rows 150 / 100 / 77; 1024 rows 593 / 594 / 591.
 """
