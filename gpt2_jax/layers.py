@@ -381,9 +381,14 @@ class GPT2Attention(nn.Module):
         hooks = self.hooks
         q, k, v = hook_point(hooks, "hook_q", q), hook_point(hooks, "hook_k", k), hook_point(hooks, "hook_v", v)
         q, k = self.position_qk(q, k, positions)
-        # bfloat16 products on XLA CPU's native kernel (narrow_dots), which needs its operands copied row-major; not
-        # over a cache, whose slot writes could hand the kernel an operand it rejects
-        narrow = layer_cache is None and narrow_dots.applies(self.dtype, self.tuning)
+        dropout_on = cfg.attn_pdrop > 0 and not self.deterministic
+        # hooks on scores or pattern need them materialised: the explicit path, whatever the tuning says
+        hooked_probs = hook_wanted(hooks, "hook_attn_scores") or hook_wanted(hooks, "hook_pattern")
+        explicit = (self.output_attentions or head_mask is not None or dropout_on or cfg.reorder_and_upcast_attn
+                    or self.tuning.attention == "explicit" or hooked_probs)
+        # the explicit path's bfloat16 products on XLA CPU's native kernel (narrow_dots), which needs its operands
+        # copied row-major; not over a cache, whose slot writes could hand the kernel an operand it rejects
+        narrow = explicit and layer_cache is None and narrow_dots.applies(self.dtype, self.tuning)
         heads_first = narrow_dots.transpose if narrow else jnp.transpose
         # keys/values in the cache's layout: [batch, T, n_head, head_dim] -> [batch, n_head, T, head_dim]
         k, v = heads_first(k, (0, 2, 1, 3)), heads_first(v, (0, 2, 1, 3))
@@ -395,11 +400,6 @@ class GPT2Attention(nn.Module):
             new_cache = (k, v)
 
         scale = attention_scale(cfg, layer_idx)
-        dropout_on = cfg.attn_pdrop > 0 and not self.deterministic
-        # hooks on scores or pattern need them materialised: the explicit path, whatever the tuning says
-        hooked_probs = hook_wanted(hooks, "hook_attn_scores") or hook_wanted(hooks, "hook_pattern")
-        explicit = (self.output_attentions or head_mask is not None or dropout_on or cfg.reorder_and_upcast_attn
-                    or self.tuning.attention == "explicit" or hooked_probs)
         probs = None
         if explicit:
             probs = attention_probs(heads_first(q, (0, 2, 1, 3)), k, visible, scale,
