@@ -410,8 +410,10 @@ class GPT2Attention(nn.Module):
             if narrow and probs.dtype == self.dtype:
                 out = narrow_dots.batched_matmul(probs, v.astype(probs.dtype)).astype(probs.dtype)  # [b, h, T, d]
                 out = narrow_dots.transpose(out, (0, 2, 1, 3))  # -> [batch, T, n_head, head_dim]
-            else:
-                out = jnp.einsum("bhqk,bhkd->bqhd", probs, v.astype(probs.dtype))  # [batch, T, n_head, head_dim]
+            elif length > 1:  # P @ V heads first, then the heads move: [b, h, T, d] -> [batch, T, n_head, head_dim]
+                out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.astype(probs.dtype)).transpose(0, 2, 1, 3)
+            else:  # one query: XLA's matrix-vector product writes [batch, 1, n_head, head_dim] directly
+                out = jnp.einsum("bhqk,bhkd->bqhd", probs, v.astype(probs.dtype))
         else:  # [batch, n_head, S, head_dim] -> [batch, S, n_head, head_dim], the layout it takes
             out = fused_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), visible, scale,
                                   causal_only=self.causal_only, implementation=self.tuning.attention)
