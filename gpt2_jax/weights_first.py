@@ -40,9 +40,9 @@ def matmul_out_in(x: jax.Array, kernel_t: jax.Array) -> jax.Array:
     """``x [..., in] @ kernel_t.T`` for ``kernel_t [out, in]`` -> ``[..., out]``, as ``(kernel_t @ x^T)^T`` (with
     zero rows added up to :func:`padded_rows` and dropped from the result)."""
     rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [R, in]
-    count = rows.shape[0]
-    if padded_rows(count) != count:
-        rows = jnp.pad(rows, ((0, padded_rows(count) - count), (0, 0)))  # -> [P, in]
+    count, padded = rows.shape[0], padded_rows(rows.shape[0])
+    if padded != count:
+        rows = jnp.pad(rows, ((0, padded - count), (0, 0)))  # -> [P, in]
     out_t = jnp.dot(kernel_t, transpose(rows, (1, 0)))  # [out, in] @ [in, P] -> [out, P]
     out = transpose(out_t, (1, 0))[:count]  # -> [P, out] -> [R, out]
     return out.reshape(*x.shape[:-1], kernel_t.shape[0])  # -> [..., out]

@@ -69,7 +69,6 @@ def test_several_queries_multiply_values_heads_first():
     config = CONFIGS["plain"]
     params = init_params(jax.random.PRNGKey(2), config)
     model = GPT2LMHeadModel(config, tuning=Tuning(attention="explicit"))
-    head_dim = config.n_embd // config.n_head
 
     def pv_dots(length):
         cache = KVCache.init(config, 2, 16)
@@ -81,5 +80,5 @@ def test_several_queries_multiply_values_heads_first():
     several = pv_dots(4)
     assert several and all("bhqk,bhkd->bhqd" in line for line in several)
     for line in several:  # the product's shape ends in [T, head_dim]: the GEMM is P @ V, not (V^T P^T)^T
-        assert f"4,{head_dim}]" in line.split(" dot(")[0], line
+        assert f"4,{config.head_dim}]" in line.split(" dot(")[0], line
     assert all("bhqk,bhkd->bqhd" in line for line in pv_dots(1))

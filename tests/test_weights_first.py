@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from gpt2_jax.weights_first import matmul_out_in, padded_rows
-
-U = 2.0 ** -24
+from roundoff import U
 
 
 def assert_product_close(got, x, w):
