@@ -46,8 +46,8 @@ ENTRY %main (x: bf16[4,8], w: bf16[8,2], y: f32[2,3]) -> f32[4,3] {
 
 def test_instruction_table_finds_fused_and_plain_dots(profile_step):
     table = profile_step.instruction_table(HLO)
-    assert table["ynn_fusion.3"].is_dot and table["ynn_fusion.3"].operand_dtypes == "bf16"
-    assert table["dot.7"].is_dot and table["dot.7"].operand_dtypes == "f32"
+    assert table["ynn_fusion.3"].is_dot and table["ynn_fusion.3"].operand_dtypes == "bf16,bf16"
+    assert table["dot.7"].is_dot and table["dot.7"].operand_dtypes == "f32,f32"
     assert not table["add_fusion.12"].is_dot and table["add_fusion.12"].kind == "add_fusion"
     assert table["add_fusion.12"].shape == "f32[4,2]{1,0}"
 
@@ -65,8 +65,8 @@ def test_partition_and_other_only_attribution(profile_step):
     assert partition["idle"] == pytest.approx(0.005)
     add = groups[("add_fusion", "f32[4,2]")]
     assert add.count == 2 and add.thunk_s == pytest.approx(0.020) and add.other_only_s == pytest.approx(0.013)
-    assert groups[("dot(bf16)", "f32[4,2]")].other_only_s == 0.0
-    assert groups[("dot(f32)", "f32[4,3]")].thunk_s == pytest.approx(0.002)
+    assert groups[("dot(bf16,bf16)", "f32[4,2]")].other_only_s == 0.0
+    assert groups[("dot(f32,f32)", "f32[4,3]")].thunk_s == pytest.approx(0.002)
 
 
 def test_profiles_a_tiny_train_step(profile_step, capsys):
@@ -77,4 +77,4 @@ def test_profiles_a_tiny_train_step(profile_step, capsys):
     for part in ("dots only", "dots + other", "other only", "idle"):
         assert part in out
     dots = out.split("dots:\n")[1].split("other work:")[0]
-    assert "dot(f32) f32[" in dots  # the traced thunks were matched to the step's dot instructions
+    assert "dot(f32,f32) f32[" in dots  # the traced thunks were matched to the step's dot instructions
