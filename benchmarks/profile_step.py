@@ -149,7 +149,9 @@ def summarize(events: list[tuple[int, int, str]], table: dict[str, Instruction])
     if not events:
         return partition, groups
     # Sweep the event boundaries; between two of them the set of running thunks is fixed.
-    boundaries = sorted([(s, 1, i) for i, (s, _, _) in enumerate(events)] + [(e, -1, i) for i, (_, e, _) in enumerate(events)])
+    starts = [(start, 1, i) for i, (start, _, _) in enumerate(events)]
+    ends = [(end, -1, i) for i, (_, end, _) in enumerate(events)]
+    boundaries = sorted(starts + ends)  # at equal times an end sorts before a start
     running: set[int] = set()
     last = boundaries[0][0]
     for time_ns, delta, index in boundaries:
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
-    print(f"untraced calls: {', '.join(f'{t * 1e3:.1f}' for t in times)} ms (median {statistics.median(times) * 1e3:.1f})")
+    listed = ", ".join(f"{t * 1e3:.1f}" for t in times)
+    print(f"untraced calls: {listed} ms (median {statistics.median(times) * 1e3:.1f})")
     events, wall = trace_events(run, table)
     partition, groups = summarize(events, table)
     print(report(title, wall, partition, groups, args.top))
