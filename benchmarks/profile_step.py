@@ -58,20 +58,16 @@ class Instruction:
     operand_dtypes: str  # of a dot's two operands, e.g. "bf16,bf16"; "" for other instructions
 
 
-def _operands(call: str) -> list[str]:
-    """The instruction names an HLO call ``op(%a, %b), ...`` reads (the first parenthesised list)."""
-    return re.findall(r"%([\w.\-]+)", call.split("(", 1)[1].split(")")[0])
-
-
-def _fused_dot_dtypes(dot_line: str, body: list[str]) -> str:
-    """``"bf16,bf16"``: the element types of the two operands of a fused computation's dot."""
-    shapes = {m.group(1): m.group(2) for m in (_INSTRUCTION.match(b) for b in body) if m}
-    return ",".join(shapes.get(o, "?").split("[")[0] for o in _operands(dot_line.split(" dot", 1)[1]))
+def _operand_dtypes(call: str, shapes: dict[str, str]) -> str:
+    """``"bf16,bf16"``: the element types of what an HLO call ``op(%a, %b), ...`` reads, from ``shapes`` (instruction
+    name -> output shape; names are unique in a module)."""
+    operands = re.findall(r"%([\w.\-]+)", call.split("(", 1)[1].split(")")[0])
+    return ",".join(shapes.get(o, "?").split("[")[0] for o in operands)
 
 
 def instruction_table(hlo_text: str) -> dict[str, Instruction]:
     """Instruction name -> :class:`Instruction`, for every instruction of an optimised HLO module's text."""
-    bodies: dict[str, list[str]] = {}
+    bodies: dict[str, list[str]] = {}  # fused computation -> its instructions' right-hand sides
     current = None
     for line in hlo_text.splitlines():
         match = _COMPUTATION.match(line)
@@ -80,25 +76,19 @@ def instruction_table(hlo_text: str) -> dict[str, Instruction]:
             bodies[current] = []
         elif current is not None and line.strip() == "}":
             current = None
-        elif current is not None:
-            bodies[current].append(line)
-    table, dot_operands = {}, {}
-    for line in hlo_text.splitlines():
-        match = _INSTRUCTION.match(line)
-        if not match or match.group(1) in table:
+        elif current is not None and (instruction := _INSTRUCTION.match(line)):
+            bodies[current].append(instruction.group(3))  # what it computes: "dot(%p0, %p1), ...", ...
+    parsed = [m.groups() for m in map(_INSTRUCTION.match, hlo_text.splitlines()) if m]  # (name, shape, rest)
+    shapes = {name: shape for name, shape, _ in parsed}
+    table = {}
+    for name, shape, rest in parsed:
+        if name in table:
             continue
-        name, shape, rest = match.groups()
         called = re.search(r"calls=%([\w.\-]+)", rest)
         body = bodies.get(called.group(1), []) if called else []
-        fused_dot = next((b for b in body if " dot(" in b), None)
-        if rest.startswith("dot("):
-            dot_operands[name] = _operands(rest)
-        table[name] = Instruction(shape=shape, kind=re.sub(r"[.\d]+$", "", name),
-                                  is_dot=fused_dot is not None or rest.startswith("dot("),
-                                  operand_dtypes=_fused_dot_dtypes(fused_dot, body) if fused_dot else "")
-    for name, operands in dot_operands.items():  # an unfused dot: its operands' dtypes
-        dtypes = [table[o].shape.split("[")[0] for o in operands if o in table]
-        table[name] = dataclasses.replace(table[name], operand_dtypes=",".join(dtypes))
+        dot_call = rest if rest.startswith("dot(") else next((b for b in body if b.startswith("dot(")), None)
+        table[name] = Instruction(shape=shape, kind=re.sub(r"[.\d]+$", "", name), is_dot=dot_call is not None,
+                                  operand_dtypes=_operand_dtypes(dot_call, shapes) if dot_call else "")
     return table
 
 
