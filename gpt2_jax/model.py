@@ -169,6 +169,10 @@ class _GPT2Base(nn.Module):
         hooks: a hook runner (:mod:`gpt2_jax.interp`, built by ``run_with_hooks`` / ``run_with_cache`` and the
             generation engine) that every hook point passes through; None (the default) adds nothing to the
             program. Needs the unrolled blocks (``scan_layers=False``) and ``remat_policy='none'``.
+        float32_logits: the LM head accumulates and returns its logits in float32 whatever ``dtype`` (the matmul
+            still reads ``dtype`` operands): a float32 loss then reads the product as computed, not a ``dtype``
+            rounding of it. The train step sets it where the product is float32 anyway (bfloat16 on XLA CPU, see
+            :mod:`gpt2_jax.narrow_dots`; two passes fewer over the ``[tokens, vocab]`` logits there).
     """
 
     config: GPT2Config
@@ -177,6 +181,7 @@ class _GPT2Base(nn.Module):
     tuning: Tuning | None = None
     remat_policy: str = "none"
     hooks: Any = None
+    float32_logits: bool = False
 
     def setup(self):
         cfg = self.config
@@ -305,15 +310,20 @@ class _GPT2Base(nn.Module):
     def lm_logits(self, hidden: jax.Array) -> jax.Array:
         """Tied LM head: ``hidden [..., n_embd] @ wte.T -> [..., vocab]`` (an einsum: no transposed copy; in bfloat16
         under :attr:`~gpt2_jax.backend.Tuning.row_major_bf16_dots`, :func:`gpt2_jax.narrow_dots.matmul`; for the
-        few rows of a decode step under :attr:`~gpt2_jax.backend.Tuning.kernels_as_lhs`, ``(wte @ hidden^T)^T``)."""
+        few rows of a decode step under :attr:`~gpt2_jax.backend.Tuning.kernels_as_lhs`, ``(wte @ hidden^T)^T``).
+        The logits are in ``dtype``, or float32 with :attr:`float32_logits`."""
         wte = gathered(self.wte.embedding).astype(self.dtype)  # [vocab, n_embd]
+        logits_dtype = jnp.float32 if self.float32_logits else self.dtype
         tuning = self._resolved_tuning()
-        if narrow_dots.applies(self.dtype, tuning):
-            logits = narrow_dots.matmul(hidden.astype(self.dtype), wte, w_transposed=True).astype(self.dtype)
+        if narrow_dots.applies(self.dtype, tuning):  # a float32 product
+            logits = narrow_dots.matmul(hidden.astype(self.dtype), wte, w_transposed=True).astype(logits_dtype)
             return constrain_rows(logits)  # [..., vocab]
         if tuning.kernels_as_lhs and math.prod(hidden.shape[:-1]) <= LM_HEAD_WEIGHTS_FIRST_MAX_ROWS:
-            return constrain_rows(weights_first.matmul_out_in(hidden, wte))  # [..., vocab]
-        return constrain_rows(jnp.einsum("...d,vd->...v", hidden, wte))  # [..., vocab]
+            logits = weights_first.matmul_out_in(hidden, wte)
+        else:
+            logits = jnp.einsum("...d,vd->...v", hidden, wte,
+                                preferred_element_type=jnp.float32 if self.float32_logits else None)
+        return constrain_rows(logits.astype(jnp.float32) if self.float32_logits else logits)  # [..., vocab]
 
 
 def _check_labels(labels, num_classes: int, name: str = "labels") -> None:

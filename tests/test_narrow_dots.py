@@ -202,3 +202,48 @@ def test_bias_gradient_of_a_bfloat16_layer_is_a_float32_reduction():
     # and the test can see one: the same sum in bfloat16 is lowered that way
     plain = jax.jit(lambda g: jax.lax.reduce_sum(g, (0, 1))).lower(jnp.ones((4, 256, 96), jnp.bfloat16))
     assert "reduce-window(" in plain.compile().as_text()
+
+
+@pytest.mark.parametrize("row_major", [True, False])
+def test_float32_logits_are_the_product_before_its_bfloat16_rounding(row_major):
+    """``float32_logits``: a bfloat16 model's LM head returns float32 logits. Under the tuning they are the very
+    float32 product whose bfloat16 rounding the default returns (exactly); with plain dots, the same logits to
+    bfloat16 round-off. The rest of the model (and its params) is unchanged."""
+    params = init_params(jax.random.PRNGKey(0), TINY)
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, TINY.vocab_size)
+    tuning = backend.tuning_for(params).replace(row_major_bf16_dots=row_major, low_precision_compute=True)
+    logits = {wide: jax.jit(GPT2LMHeadModel(TINY, dtype=jnp.bfloat16, tuning=tuning, float32_logits=wide).apply)(
+        {"params": params}, ids).logits for wide in (False, True)}
+    assert logits[False].dtype == jnp.bfloat16 and logits[True].dtype == jnp.float32
+    if row_major:
+        np.testing.assert_array_equal(np.asarray(logits[True].astype(jnp.bfloat16)), np.asarray(logits[False]))
+    else:  # one bfloat16 rounding apart (2^-8 relative), where XLA may also reorder the accumulation
+        np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False], np.float32), rtol=2.0**-7,
+                                   atol=2.0**-7 * float(jnp.max(jnp.abs(logits[True]))))
+
+
+def test_bfloat16_train_loss_reads_the_float32_logits():
+    """The train step's loss under the tuning is the cross-entropy of the LM head's float32 logits (not of their
+    bfloat16 rounding), and its gradient matches the plain-dot step's to bfloat16 round-off."""
+    from gpt2_jax.losses import cross_entropy
+    from gpt2_jax.training.step import make_loss_fn
+
+    params = init_params(jax.random.PRNGKey(0), TINY)
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 17), 0, TINY.vocab_size)
+    tuning = backend.tuning_for(params).replace(row_major_bf16_dots=True, low_precision_compute=True)
+    loss_fn = make_loss_fn(TINY, jnp.bfloat16, dropout=False, tuning=tuning)
+    model = GPT2LMHeadModel(TINY, dtype=jnp.bfloat16, tuning=tuning, float32_logits=True)
+    wide = jax.jit(lambda p, t: cross_entropy(model.apply({"params": p}, t[:, :-1]).logits, t[:, 1:]))
+    rounded = jax.jit(lambda p, t: cross_entropy(model.apply({"params": p}, t[:, :-1]).logits.astype(jnp.bfloat16),
+                                                 t[:, 1:]))
+    loss, wide_loss, rounded_loss = (float(x) for x in (jax.jit(loss_fn)(params, tokens, None),
+                                                        wide(params, tokens), rounded(params, tokens)))
+    # the same program up to fusion order (float32 round-off, ~1e-7 relative); the rounded logits' loss moves by
+    # their bfloat16 round-off averaged over the tokens (here ~1e-5 relative)
+    np.testing.assert_allclose(loss, wide_loss, rtol=1e-6, atol=0)
+    assert abs(loss - wide_loss) < 0.1 * abs(rounded_loss - wide_loss)
+    plain = make_loss_fn(TINY, jnp.bfloat16, dropout=False, tuning=tuning.replace(row_major_bf16_dots=False))
+    grads, plain_grads = (jax.jit(jax.grad(f))(params, tokens, None) for f in (loss_fn, plain))
+    flat, flat_plain = (np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(t)]) for t in (grads,
+                                                                                                      plain_grads))
+    assert np.linalg.norm(flat - flat_plain) <= 2.0**-5 * np.linalg.norm(flat_plain)

@@ -35,7 +35,7 @@ import optax
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from .. import backend, precision
+from .. import backend, narrow_dots, precision
 from ..backend import Tuning
 from ..config import GPT2Config
 from ..layers import LORA_COLLECTION, LORA_DROPOUT_RNG, check_remat_policy, cut_gradient, rows_sharded
@@ -136,8 +136,8 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
 
     ``tuning`` (default: :func:`~gpt2_jax.backend.tuning_for` JAX's default backend) is the model's backend
     settings; with ``cut_block_gradients`` the model materialises each block's residual gradient once in the
-    backward pass, and so does the loss for the logits' gradient (else XLA's CPU fusion recomputes the softmax
-    gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged. ``remat`` is the
+    backward pass, and so does the loss for the logits' gradient of a float32 step (else XLA's CPU fusion recomputes
+    the softmax gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged. ``remat`` is the
     blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`). With ``lora``, ``params`` is
     ``{"params": base, "lora": adapters}`` and the adapters' input dropout draws from ``key`` too.
     """
@@ -145,7 +145,15 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
     # bfloat16 compute where the backend runs it well; on the CPU (low_precision_compute off) float32, which
     # measured faster there (a gpt2 step in bfloat16 ran at 0.88-0.90x float32's speed).
     compute_dtype = jnp.dtype(precision.compute_dtype(compute_dtype, tuning=tuning))
-    model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning, remat_policy=check_remat_policy(remat))
+    # A narrow_dots LM head (bfloat16 on XLA CPU) computes a float32 product: the loss reads it as it is rather
+    # than a bfloat16 rounding of it (elsewhere float32 logits would cost a float32 [tokens, vocab] array that a
+    # bfloat16 dot's fused upcast never writes). Its backward pass materialises the logits' gradient in bfloat16
+    # before its products, so the cut below, for XLA CPU's float32 fusion, is not needed there (measured: the two
+    # together 3.7% off gpt2's mixed-precision step, benchmarks/bench_train.py --dtype bfloat16).
+    narrow_head = narrow_dots.applies(compute_dtype, tuning)
+    model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning, remat_policy=check_remat_policy(remat),
+                            float32_logits=narrow_head)
+    cut_logits = tuning.cut_block_gradients and not narrow_head
     train = dropout and _has_dropout(config)
     lora_dropout = dropout and lora is not None and lora.dropout > 0
 
@@ -158,7 +166,7 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
         if lora_dropout:
             rngs[LORA_DROPOUT_RNG] = jax.random.fold_in(key, 0x10A)
         out = model.apply(variables, inputs, deterministic=not train, rngs=rngs or None)
-        logits = cut_gradient(out.logits) if tuning.cut_block_gradients else out.logits  # dlogits materialised once
+        logits = cut_gradient(out.logits) if cut_logits else out.logits  # [B, T, vocab]
         return cross_entropy(logits, labels)  # logits [B, T, vocab] -> []
 
     return loss_fn
