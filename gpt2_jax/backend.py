@@ -72,6 +72,11 @@ class Tuning:
             which XLA CPU's dot library reads in place instead of repacking it every call (gpt2's MLP chain at
             8 rows: 10.5 vs 21.9 ms with ``x @ W^T``, 14.1 ms with the params' ``[in, out]``); with it,
             :attr:`transposed_kernels` pays for any number of rows, not one only.
+        causal_attention_halves: explicit attention over the plain causal mask (no padding, no cache, no
+            probabilities asked for) computes the first half of the queries against the first half of the keys
+            only, skipping the all-masked quarter of the scores, softmax and ``P @ V`` (:func:`gpt2_jax.layers.
+            causal_halves_attention`; gpt2's 12 attentions at 4 x 256, forward and backward: 232 -> 170 ms in
+            bfloat16, 355 -> 290 ms in float32 on a 2-core CPU).
     """
 
     transposed_kernels: bool = False
@@ -84,6 +89,7 @@ class Tuning:
     low_precision_compute: bool = True
     row_major_bf16_dots: bool = False
     kernels_as_lhs: bool = False
+    causal_attention_halves: bool = False
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
@@ -117,6 +123,7 @@ PLATFORM_DEFAULTS: dict[str, Tuning] = {
         low_precision_compute=False,
         row_major_bf16_dots=True,
         kernels_as_lhs=True,
+        causal_attention_halves=True,
     ),
     "gpu": Tuning(attention="cudnn"),
     "tpu": Tuning(attention="xla"),

@@ -314,6 +314,34 @@ def attention_probs(q, k, visible, scale, *, upcast: bool = False, hooks=None, n
     return hook_point(hooks, "hook_pattern", jax.nn.softmax(scores, axis=-1).astype(k.dtype))
 
 
+#: The shortest sequence whose causal attention :func:`causal_halves_attention` splits (shorter ones gain nothing).
+CAUSAL_HALVES_MIN_LENGTH = 64
+
+
+def causal_halves_attention(q, k, v, attend: Callable) -> jax.Array:
+    """Causal attention in two query halves, skipping the block of scores the causal mask hides entirely.
+
+    The first ``T // 2`` queries see only the first ``T // 2`` keys, so they are computed against those alone; the
+    other queries against all keys. Each masked-out score's probability is exactly 0 in the full product, so the
+    result is the same up to float32 round-off, for 3/4 of the scores, softmax and ``P @ V`` work.
+
+    Args:
+        q, k, v: ``[batch, n_head, T, head_dim]`` (queries at positions ``0 .. T - 1``, keys and values at the same).
+        attend: ``attend(q_block [b, h, Tq, d], k_prefix [b, h, S, d], v_prefix [b, h, S, d], visible [1, 1, Tq,
+            S] bool) -> [b, h, Tq, d]``: the probabilities (over the given keys only) times the values.
+
+    Returns:
+        ``[batch, n_head, T, head_dim]``.
+    """
+    length = q.shape[2]
+    outs = []
+    for start, stop in ((0, length // 2), (length // 2, length)):
+        # query start + i sees key j iff j <= start + i: [1, 1, stop - start, stop]
+        visible = (jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None])[None, None]
+        outs.append(attend(q[:, :, start:stop], k[:, :, :stop], v[:, :, :stop], visible))
+    return jnp.concatenate(outs, axis=2)  # 2 x [b, h, T / 2, d] -> [b, h, T, d]
+
+
 def fused_attention(q, k, v, visible, scale, *, causal_only: bool, implementation: str):
     """:func:`jax.nn.dot_product_attention` (no probabilities materialised for the caller).
 
@@ -356,6 +384,23 @@ class GPT2Attention(nn.Module):
         """Where a variant injects positions into queries and keys (``[batch, T, n_head, head_dim]`` each,
         ``positions [batch, T]``). GPT-2's positions are learned and added to the embeddings: the identity."""
         return q, k
+
+    def _probs(self, q, k, visible, scale, head_mask, narrow: bool, hooks=None) -> jax.Array:
+        """:func:`attention_probs` ``[batch, n_head, Tq, S]``, then attention dropout and the head mask."""
+        probs = attention_probs(q, k, visible, scale, upcast=self.config.reorder_and_upcast_attn, hooks=hooks,
+                                narrow=narrow)
+        probs = nn.Dropout(self.config.attn_pdrop)(probs, deterministic=self.deterministic)
+        if head_mask is not None:
+            probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+        return probs
+
+    def _weigh_values(self, probs, v, narrow: bool) -> jax.Array:
+        """``probs [b, h, Tq, S] @ v [b, h, S, d]`` -> ``[b, h, Tq, d]`` in the probabilities' dtype (on XLA CPU's
+        native bfloat16 kernel under ``narrow``)."""
+        v = v.astype(probs.dtype)
+        if narrow and probs.dtype == self.dtype:
+            return narrow_dots.batched_matmul(probs, v).astype(probs.dtype)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
     @nn.compact
     def __call__(self, x, positions, visible, layer_idx, layer_cache=None, cache_index=None, head_mask=None):
@@ -401,17 +446,21 @@ class GPT2Attention(nn.Module):
 
         scale = attention_scale(cfg, layer_idx)
         probs = None
-        if explicit:
-            probs = attention_probs(heads_first(q, (0, 2, 1, 3)), k, visible, scale,
-                                    upcast=cfg.reorder_and_upcast_attn, hooks=hooks, narrow=narrow)
-            probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=self.deterministic)
-            if head_mask is not None:
-                probs = probs * head_mask.astype(probs.dtype)[None, :, None, None]
+        halves = (explicit and self.tuning.causal_attention_halves and self.causal_only and layer_cache is None
+                  and not (self.output_attentions or hooked_probs) and length >= CAUSAL_HALVES_MIN_LENGTH)
+        if halves:  # the probabilities are neither returned nor hooked: the all-masked quarter is skipped
+            def attend(q_block, k_prefix, v_prefix, block_visible):
+                block_probs = self._probs(q_block, k_prefix, block_visible, scale, head_mask, narrow)
+                return self._weigh_values(block_probs, v_prefix, narrow)  # [b, h, Tq, d]
+
+            out = causal_halves_attention(heads_first(q, (0, 2, 1, 3)), k, v, attend)  # [b, h, T, d]
+            out = heads_first(out, (0, 2, 1, 3))  # -> [batch, T, n_head, head_dim]
+        elif explicit:
+            probs = self._probs(heads_first(q, (0, 2, 1, 3)), k, visible, scale, head_mask, narrow, hooks)
             if narrow and probs.dtype == self.dtype:
-                out = narrow_dots.batched_matmul(probs, v.astype(probs.dtype)).astype(probs.dtype)  # [b, h, T, d]
-                out = narrow_dots.transpose(out, (0, 2, 1, 3))  # -> [batch, T, n_head, head_dim]
+                out = narrow_dots.transpose(self._weigh_values(probs, v, narrow), (0, 2, 1, 3))  # [b, T, h, d]
             elif length > 1:  # P @ V heads first, then the heads move: [b, h, T, d] -> [batch, T, n_head, head_dim]
-                out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.astype(probs.dtype)).transpose(0, 2, 1, 3)
+                out = self._weigh_values(probs, v, narrow).transpose(0, 2, 1, 3)
             else:  # one query: XLA's matrix-vector product writes [batch, 1, n_head, head_dim] directly
                 out = jnp.einsum("bhqk,bhkd->bqhd", probs, v.astype(probs.dtype))
         else:  # [batch, n_head, S, head_dim] -> [batch, S, n_head, head_dim], the layout it takes

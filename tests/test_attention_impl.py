@@ -82,3 +82,76 @@ def test_several_queries_multiply_values_heads_first():
     for line in several:  # the product's shape ends in [T, head_dim]: the GEMM is P @ V, not (V^T P^T)^T
         assert f"4,{config.head_dim}]" in line.split(" dot(")[0], line
     assert all("bhqk,bhkd->bqhd" in line for line in pv_dots(1))
+
+
+HALVES_CONFIG = GPT2Config(vocab_size=97, n_positions=160, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2)
+
+
+def _halves_model(config, on: bool, **kwargs):
+    return GPT2LMHeadModel(config, tuning=Tuning(attention="explicit", causal_attention_halves=on), **kwargs)
+
+
+@pytest.mark.parametrize("length", [64, 65, 130])
+@pytest.mark.parametrize("scan", [False, True])
+def test_causal_halves_equal_the_full_masked_attention(length, scan):
+    """The causal attention in two query halves (the all-masked quarter skipped) gives the full masked product's
+    logits and gradients: the skipped scores' probabilities are exactly 0, so only the float32 reduction order
+    differs (a softmax over 32-65 instead of 64-130 keys)."""
+    config = HALVES_CONFIG.replace(scan_layers=scan)
+    params = params_for(config, init_params(jax.random.PRNGKey(3), HALVES_CONFIG))
+    ids = np.random.default_rng(1).integers(0, 97, (2, length)).astype(np.int32)
+    weights = np.random.default_rng(2).standard_normal((2, length, 97)).astype(np.float32)
+
+    def logits_and_grads(on: bool):
+        model = _halves_model(config, on)
+        run = lambda p: model.apply({"params": p}, ids).logits  # [2, length, 97]
+        grads = jax.jit(jax.grad(lambda p: (run(p) * weights).sum()))(params)
+        return np.asarray(jax.jit(run)(params)), grads
+
+    (logits_on, grads_on), (logits_off, grads_off) = logits_and_grads(True), logits_and_grads(False)
+    assert np.abs(logits_off).max() > 1.0
+    np.testing.assert_allclose(logits_on, logits_off, **TOL)
+    for on, off in zip(jax.tree_util.tree_leaves(grads_on), jax.tree_util.tree_leaves(grads_off)):
+        np.testing.assert_allclose(np.asarray(on), np.asarray(off), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(off)).max()))
+
+
+def _score_shapes(model, params, ids, **kwargs):
+    """The shapes of the attention-score products (``q . k``, written ``[b, h, T, S]``) in the compiled forward."""
+    hlo = jax.jit(lambda p: model.apply({"params": p}, ids, **kwargs).logits).lower(params).compile().as_text()
+    return {line.split(" dot(")[0].split("=")[1].strip().split("{")[0] for line in hlo.splitlines()
+            if " dot(" in line and "bhqd,bhkd->bhqk" in line}
+
+
+def test_causal_halves_apply_only_where_nothing_needs_the_whole_pattern():
+    """The halves are used for plain causal attention of 64 tokens or more; probabilities asked for, a padding
+    mask, a cache, or a short sequence keep the whole ``[T, T]`` product (and the same values)."""
+    config = HALVES_CONFIG
+    params = init_params(jax.random.PRNGKey(4), config)
+    ids = np.random.default_rng(3).integers(0, 97, (2, 64)).astype(np.int32)
+    model = _halves_model(config, True)
+    assert _score_shapes(model, params, ids) == {"f32[2,4,32,32]", "f32[2,4,32,64]"}
+    assert _score_shapes(model, params, ids[:, :63]) == {"f32[2,4,63,63]"}
+    assert _score_shapes(model, params, ids, attention_mask=np.ones_like(ids)) == {"f32[2,4,64,64]"}
+    assert _score_shapes(_halves_model(config, False), params, ids) == {"f32[2,4,64,64]"}
+    out = model.apply({"params": params}, ids, output_attentions=True)
+    assert out.attentions[0].shape == (2, 4, 64, 64)
+    full = _halves_model(config, False).apply({"params": params}, ids)
+    np.testing.assert_allclose(np.asarray(out.logits), np.asarray(full.logits), **TOL)
+    prefill = model.apply({"params": params}, ids, cache=KVCache.init(config, 2, 80))
+    np.testing.assert_allclose(np.asarray(prefill.logits), np.asarray(full.logits), **TOL)
+
+
+def test_causal_halves_train_with_attention_dropout():
+    """With attention dropout each half draws its own mask: a training forward runs, is finite, and is
+    reproducible for one key."""
+    config = HALVES_CONFIG.replace(attn_pdrop=0.5)
+    params = init_params(jax.random.PRNGKey(5), config)
+    ids = np.random.default_rng(4).integers(0, 97, (2, 64)).astype(np.int32)
+    model = _halves_model(config, True)
+    run = jax.jit(lambda key: model.apply({"params": params}, ids, deterministic=False,
+                                          rngs={"dropout": key}).logits)
+    first, again, other = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
+    assert np.isfinite(np.asarray(first)).all()
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    assert not np.allclose(np.asarray(first), np.asarray(other))
