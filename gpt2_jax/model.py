@@ -172,7 +172,7 @@ class _GPT2Base(nn.Module):
         float32_logits: the LM head accumulates and returns its logits in float32 whatever ``dtype`` (the matmul
             still reads ``dtype`` operands): a float32 loss then reads the product as computed, not a ``dtype``
             rounding of it. The train step sets it where the product is float32 anyway (bfloat16 on XLA CPU, see
-            :mod:`gpt2_jax.narrow_dots`; two passes fewer over the ``[tokens, vocab]`` logits there).
+            :mod:`gpt2_jax.narrow_dots`; a rounding pass fewer over the ``[tokens, vocab]`` logits there).
     """
 
     config: GPT2Config
