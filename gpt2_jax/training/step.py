@@ -137,8 +137,8 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
     ``tuning`` (default: :func:`~gpt2_jax.backend.tuning_for` JAX's default backend) is the model's backend
     settings; with ``cut_block_gradients`` the model materialises each block's residual gradient once in the
     backward pass, and so does the loss for the logits' gradient of a float32 step (else XLA's CPU fusion recomputes
-    the softmax gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged. ``remat`` is the
-    blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`). With ``lora``, ``params`` is
+    the softmax gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged. ``remat``
+    is the blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`). With ``lora``, ``params`` is
     ``{"params": base, "lora": adapters}`` and the adapters' input dropout draws from ``key`` too.
     """
     tuning = tuning if tuning is not None else backend.tuning_for()
