@@ -81,9 +81,44 @@ def _gelu_fast(x):
     return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
 
 
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_parts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(x, tanh(sqrt(2 / pi) (x + 0.044715 x^3)))`` in float32 or wider (``x`` upcast), in the operation order
+    of ``jax.nn.gelu(approximate=True)``."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x, jnp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * (x**3)))
+
+
+@jax.custom_jvp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GPT-2's GELU, the tanh approximation (``gelu_new``): ``x * 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715
+    x^3)))``, computed in float32 (or wider) and returned in ``x``'s dtype; float32 values equal
+    ``jax.nn.gelu(x, approximate=True)``'s.
+
+    Its derivative is one closed-form factor (``custom_jvp``: forward and reverse mode both work), so a backward
+    pass keeps one array, where differentiating the formula op by op keeps four intermediates (in a bfloat16 model
+    each rounded to bfloat16 and written and read by a pass of its own on the CPU). gpt2's 12 MLPs, bfloat16,
+    forward + backward on a 2-core Zen 4: 1.14 -> 1.08 s (median of 25 alternating calls).
+    """
+    upcast, tanh = _gelu_tanh_parts(x)
+    return (upcast * (0.5 * (1.0 + tanh))).astype(x.dtype)
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    upcast, tanh = _gelu_tanh_parts(x)
+    cdf = 0.5 * (1.0 + tanh)
+    # d/dx [x cdf(x)] = cdf + x * 0.5 (1 - tanh^2) * sqrt(2 / pi) (1 + 3 * 0.044715 x^2)
+    slope = cdf + upcast * (0.5 * (1.0 - tanh * tanh)) * (_SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * upcast * upcast))
+    return (upcast * cdf).astype(x.dtype), (dx.astype(slope.dtype) * slope).astype(dx.dtype)
+
+
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_fast": _gelu_fast,
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

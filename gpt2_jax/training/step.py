@@ -38,7 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from .. import backend, narrow_dots, precision
 from ..backend import Tuning
 from ..config import GPT2Config
-from ..layers import LORA_COLLECTION, LORA_DROPOUT_RNG, check_remat_policy, cut_gradient, rows_sharded
+from ..head_loss import tied_head_cross_entropy
+from ..layers import LORA_COLLECTION, LORA_DROPOUT_RNG, check_remat_policy, cut_gradient, gathered, rows_sharded
 from ..lora import LoraConfig, lora_variables
 from ..losses import cross_entropy
 from ..model import GPT2LMHeadModel
@@ -136,8 +137,10 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
 
     ``tuning`` (default: :func:`~gpt2_jax.backend.tuning_for` JAX's default backend) is the model's backend
     settings; with ``cut_block_gradients`` the model materialises each block's residual gradient once in the
-    backward pass, and so does the loss for the logits' gradient of a float32 step (else XLA's CPU fusion recomputes
-    the softmax gradient inside both LM-head matmuls' operands; ~4% of a gpt2 step). Values are unchanged. ``remat``
+    backward pass, and so does the loss for the logits' gradient (else XLA's CPU fusion recomputes the softmax
+    gradient inside both LM-head matmuls' operands; ~4% of a gpt2 float32 step). Values are unchanged. Where the
+    head's matmuls are :mod:`~gpt2_jax.narrow_dots`' (bfloat16 on the CPU), the LM head and the loss are one function
+    with its own gradient, :func:`gpt2_jax.head_loss.tied_head_cross_entropy`. ``remat``
     is the blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`). With ``lora``, ``params`` is
     ``{"params": base, "lora": adapters}`` and the adapters' input dropout draws from ``key`` too.
     """
@@ -145,15 +148,13 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
     # bfloat16 compute where the backend runs it well; on the CPU (low_precision_compute off) float32, which
     # measured faster there (a gpt2 step in bfloat16 ran at 0.88-0.90x float32's speed).
     compute_dtype = jnp.dtype(precision.compute_dtype(compute_dtype, tuning=tuning))
-    # A narrow_dots LM head (bfloat16 on XLA CPU) computes a float32 product: the loss reads it as it is rather
-    # than a bfloat16 rounding of it (elsewhere float32 logits would cost a float32 [tokens, vocab] array that a
-    # bfloat16 dot's fused upcast never writes). Its backward pass materialises the logits' gradient in bfloat16
-    # before its products, so the cut below, for XLA CPU's float32 fusion, is not needed there (gpt2's LM head and
-    # loss, forward and backward: 784 -> 772 ms median on a 2-core CPU; the point is the unrounded loss input).
-    narrow_head = narrow_dots.applies(compute_dtype, tuning)
-    model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning, remat_policy=check_remat_policy(remat),
-                            float32_logits=narrow_head)
-    cut_logits = tuning.cut_block_gradients and not narrow_head
+    # Where the LM head's matmuls are narrow_dots' (bfloat16 on XLA CPU), the head and the loss are one function
+    # with its own gradient (gpt2_jax.head_loss: the loss reads the float32 product unrounded, and the logits'
+    # gradient is written once, in bfloat16, with no transposed copy). The logits' gradient cut below, for XLA
+    # CPU's float32 fusion, is for the separate head and loss.
+    fused_head = narrow_dots.applies(compute_dtype, tuning)
+    model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning, remat_policy=check_remat_policy(remat))
+    cut_logits = tuning.cut_block_gradients
     train = dropout and _has_dropout(config)
     lora_dropout = dropout and lora is not None and lora.dropout > 0
 
@@ -165,6 +166,11 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
         rngs = {"dropout": key} if train else {}
         if lora_dropout:
             rngs[LORA_DROPOUT_RNG] = jax.random.fold_in(key, 0x10A)
+        if fused_head:
+            hidden = model.apply(variables, inputs, deterministic=not train, rngs=rngs or None,
+                                 method=GPT2LMHeadModel.transformer).last_hidden_state  # [B, T, n_embd]
+            wte = gathered(variables["params"]["wte"]["embedding"])  # [vocab, n_embd]
+            return tied_head_cross_entropy(hidden, wte, labels)  # -> []
         out = model.apply(variables, inputs, deterministic=not train, rngs=rngs or None)
         logits = cut_gradient(out.logits) if cut_logits else out.logits  # [B, T, vocab]
         return cross_entropy(logits, labels)  # logits [B, T, vocab] -> []
