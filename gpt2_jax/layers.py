@@ -70,10 +70,15 @@ class Embed(nn.Embed):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError("Input type must be an integer or unsigned integer.")
-        (embedding,) = self.promote_dtype(gathered(self.embedding), dtype=self.dtype, inexact=False)
         if self.num_embeddings == 1:
+            (embedding,) = self.promote_dtype(gathered(self.embedding), dtype=self.dtype, inexact=False)
             return jnp.broadcast_to(embedding, inputs.shape + (self.features,))
-        return constrain_rows(jnp.take(embedding, inputs, axis=0))  # [..., features]
+        # The rows are taken from the stored table and then converted (not the whole table converted first): the
+        # same values; the gradient is a scatter-add in the table's dtype, which XLA then writes into the other
+        # uses' gradient of a tied table in place (the LM head's) instead of a zero-filled copy added to it.
+        rows = jnp.take(gathered(self.embedding), inputs, axis=0)  # [..., features]
+        (rows,) = self.promote_dtype(rows, dtype=self.dtype, inexact=False)
+        return constrain_rows(rows)
 
 
 # Activations ---------------------------------------------------------------------------------------------------
