@@ -56,6 +56,7 @@ def test_bfloat16_is_computed_in_float32_and_rounded_once():
     grad64 = cot64 * slope64
     amplification = 0.5 + np.abs(x64) * math.sqrt(2.0 / math.pi) * (1.0 + 3 * 0.044715 * x64**2)
     tanh_error = 2.0**-20 * (1.0 + np.abs(x64))  # of the value: 0.5 |x| times tanh's error, plus round-off
-    np.testing.assert_array_less(np.abs(np.asarray(value, np.float64) - value64), 2.0**-8 * np.abs(value64) + tanh_error)
+    np.testing.assert_array_less(np.abs(np.asarray(value, np.float64) - value64),
+                                 2.0**-8 * np.abs(value64) + tanh_error)
     np.testing.assert_array_less(np.abs(np.asarray(grad, np.float64) - grad64),
                                  2.0**-8 * np.abs(grad64) + 2.0**-20 * np.abs(cot64) * amplification + 1e-30)
