@@ -81,7 +81,9 @@ def _backward(ignore_index, wte_dtype, residuals, g):
     d_logits = ((shifted_exp / total[:, None] - one_hot) * scale[:, None]).astype(rows.dtype)  # [N, V]
     d_rows = float32_product(d_logits, weights)  # [N, V] @ [V, D] -> [N, D]
     d_wte_t = float32_product(transposed_copy(rows), d_logits)  # [D, N] @ [N, V] -> [D, V]
-    d_wte = transposed_copy(d_wte_t)  # [D, V] -> [V, D]
+    # [D, V] -> [V, D] as a copy: a plain transpose would be folded into the product, which then reads its
+    # operands transposed and leaves XLA CPU's bfloat16 kernel
+    d_wte = transposed_copy(d_wte_t)
     return d_rows.astype(rows.dtype), d_wte.astype(wte_dtype), None
 
 

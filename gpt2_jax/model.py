@@ -172,9 +172,8 @@ class _GPT2Base(nn.Module):
         float32_logits: the LM head returns its logits in float32 whatever ``dtype``; the matmul still reads
             ``dtype`` operands and accumulates in float32 (the few-row weights-first product of a decode step,
             :mod:`gpt2_jax.weights_first`, is computed in ``dtype`` and upcast): a float32 loss then reads the
-            product as computed, not a ``dtype`` rounding of it. The train step sets it where the product is
-            float32 anyway (bfloat16 on XLA CPU, see :mod:`gpt2_jax.narrow_dots`; a rounding pass fewer over the
-            ``[tokens, vocab]`` logits there).
+            product as computed, not a ``dtype`` rounding of it (the CPU's mixed-precision train step gets the
+            same from :func:`gpt2_jax.head_loss.tied_head_cross_entropy`, the head and its loss in one function).
     """
 
     config: GPT2Config

@@ -139,10 +139,10 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
     settings; with ``cut_block_gradients`` the model materialises each block's residual gradient once in the
     backward pass, and so does the loss for the logits' gradient (else XLA's CPU fusion recomputes the softmax
     gradient inside both LM-head matmuls' operands; ~4% of a gpt2 float32 step). Values are unchanged. Where the
-    head's matmuls are :mod:`~gpt2_jax.narrow_dots`' (bfloat16 on the CPU), the LM head and the loss are one function
-    with its own gradient, :func:`gpt2_jax.head_loss.tied_head_cross_entropy`. ``remat``
-    is the blocks' rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`). With ``lora``, ``params`` is
-    ``{"params": base, "lora": adapters}`` and the adapters' input dropout draws from ``key`` too.
+    head's matmuls are :mod:`~gpt2_jax.narrow_dots`' (bfloat16 on the CPU), the LM head and the loss are one
+    function with its own gradient, :func:`gpt2_jax.head_loss.tied_head_cross_entropy`. ``remat`` is the blocks'
+    rematerialisation policy (:data:`gpt2_jax.layers.REMAT_POLICIES`). With ``lora``, ``params`` is ``{"params":
+    base, "lora": adapters}`` and the adapters' input dropout draws from ``key`` too.
     """
     tuning = tuning if tuning is not None else backend.tuning_for()
     # bfloat16 compute where the backend runs it well; on the CPU (low_precision_compute off) float32, which
