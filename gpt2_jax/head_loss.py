@@ -25,7 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from .losses import IGNORE_INDEX
+from .losses import IGNORE_INDEX, kept_labels, mean_over_kept
 from .narrow_dots import float32_product, transposed_copy
 
 
@@ -55,16 +55,13 @@ def _forward(rows, wte, labels, ignore_index, wte_dtype):
     del wte_dtype  # read by _backward only
     weights = wte.astype(rows.dtype)  # [V, D]
     logits = float32_product(rows, transposed_copy(weights))  # [N, D] @ [D, V] -> float32 [N, V]
-    keep = labels != ignore_index
-    safe_labels = jnp.where(keep, labels, 0)
+    keep, safe_labels = kept_labels(labels, ignore_index)
     peak = logits.max(axis=-1, keepdims=True)  # [N, 1]
     shifted_exp = jnp.exp(logits - peak)  # [N, V]
     total = shifted_exp.sum(axis=-1)  # [N]
     picked = jnp.take_along_axis(logits, safe_labels[:, None], axis=-1)[:, 0]  # [N]
     nll = peak[:, 0] + jnp.log(total) - picked  # [N]
-    count = keep.sum()
-    loss = jnp.where(count > 0, jnp.where(keep, nll, 0.0).sum() / jnp.maximum(count, 1), 0.0)
-    return loss, (rows, weights, shifted_exp, total, safe_labels, keep, count)
+    return mean_over_kept(nll, keep), (rows, weights, shifted_exp, total, safe_labels, keep)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -75,8 +72,8 @@ def _head_loss(rows, wte, labels, ignore_index: int, wte_dtype):
 
 def _backward(ignore_index, wte_dtype, residuals, g):
     del ignore_index  # the kept rows are in the residuals
-    rows, weights, shifted_exp, total, safe_labels, keep, count = residuals
-    scale = jnp.where(keep, g / jnp.maximum(count, 1), 0.0)  # [N]: d loss / d nll of each row
+    rows, weights, shifted_exp, total, safe_labels, keep = residuals
+    scale = jnp.where(keep, g / jnp.maximum(keep.sum(), 1), 0.0)  # [N]: d loss / d nll of each row
     one_hot = jax.lax.broadcasted_iota(jnp.int32, shifted_exp.shape, 1) == safe_labels[:, None]  # [N, V]
     d_logits = ((shifted_exp / total[:, None] - one_hot) * scale[:, None]).astype(rows.dtype)  # [N, V]
     d_rows = float32_product(d_logits, weights)  # [N, V] @ [V, D] -> [N, D]

@@ -154,7 +154,6 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
     # CPU's float32 fusion, is for the separate head and loss.
     fused_head = narrow_dots.applies(compute_dtype, tuning)
     model = GPT2LMHeadModel(config, dtype=compute_dtype, tuning=tuning, remat_policy=check_remat_policy(remat))
-    cut_logits = tuning.cut_block_gradients
     train = dropout and _has_dropout(config)
     lora_dropout = dropout and lora is not None and lora.dropout > 0
 
@@ -172,7 +171,7 @@ def make_loss_fn(config: GPT2Config, compute_dtype=jnp.float32, dropout: bool = 
             wte = gathered(variables["params"]["wte"]["embedding"])  # [vocab, n_embd]
             return tied_head_cross_entropy(hidden, wte, labels)  # -> []
         out = model.apply(variables, inputs, deterministic=not train, rngs=rngs or None)
-        logits = cut_gradient(out.logits) if cut_logits else out.logits  # [B, T, vocab]
+        logits = cut_gradient(out.logits) if tuning.cut_block_gradients else out.logits  # [B, T, vocab]
         return cross_entropy(logits, labels)  # logits [B, T, vocab] -> []
 
     return loss_fn
