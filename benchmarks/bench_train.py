@@ -145,6 +145,7 @@ def main() -> None:
 
     import torch
 
+    from gpt2_jax import backend, cpu_features
     from gpt2_jax.checkpoints.hf_mapping import params_to_state_dict
     from gpt2_jax.config import GPT2Config
     from gpt2_jax.model import count_params, init_params
@@ -169,6 +170,12 @@ def main() -> None:
     peak_flops = max(peak.values())
     print(f"measured float32 matmul peak: jax {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} GFLOP/s "
           f"(MFU below is relative to {peak_flops / 1e9:.0f})")
+    if args.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
+        tuning = backend.tuning_for()
+        native = cpu_features.has_native_bf16_dots()
+        print(f"cpu bfloat16: native dot products {'yes' if native else 'no'} (gpt2_jax.cpu_features); ours: "
+              f"low_precision_compute {'on' if tuning.low_precision_compute else 'off (computes float32)'}, "
+              f"row_major_bf16_dots {'on' if tuning.row_major_bf16_dots else 'off'}")
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.dropout]
     summary = []
     for dropout in modes:

@@ -29,6 +29,8 @@ from typing import Any, Iterator
 
 import jax
 
+from gpt2_jax import cpu_features
+
 #: Environment variable with comma-separated ``name=value`` overrides of :class:`Tuning` fields.
 TUNING_ENV = "GPT2_JAX_TUNING"
 #: Older switch for :attr:`Tuning.transposed_kernels` alone (``0`` turns the copy off); still honoured.
@@ -66,7 +68,9 @@ class Tuning:
         row_major_bf16_dots: the Dense and LM-head matmuls of a bfloat16 computation go through
             :func:`gpt2_jax.narrow_dots.matmul`: float32 results, and a backward pass whose products read
             row-major ``[M, K] x [K, N]`` operands, the only bfloat16 dots XLA CPU runs natively (2x its float32
-            rate with AVX512-BF16); off, plain bfloat16 dots, which XLA CPU converts to float32.
+            rate with AVX512-BF16); off, plain bfloat16 dots, which XLA CPU converts to float32. On by default on
+            CPUs with native bfloat16 dot products only (:func:`gpt2_jax.cpu_features.has_native_bf16_dots`):
+            elsewhere its copies are pure cost.
         kernels_as_lhs: a Dense layer whose kernel is laid out ``[out, in]`` (:attr:`transposed_kernels`)
             computes ``(W @ x^T)^T`` (:mod:`gpt2_jax.weights_first`): the weights are the GEMM's left operand,
             which XLA CPU's dot library reads in place instead of repacking it every call (gpt2's MLP chain at
@@ -121,7 +125,7 @@ PLATFORM_DEFAULTS: dict[str, Tuning] = {
         cut_block_gradients=True,
         attention="explicit",
         low_precision_compute=False,
-        row_major_bf16_dots=True,
+        row_major_bf16_dots=cpu_features.has_native_bf16_dots(),
         kernels_as_lhs=True,
         causal_attention_halves=True,
     ),
