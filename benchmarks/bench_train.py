@@ -13,15 +13,18 @@ The peak is *measured* in this run: the best float32 2048x2048 matmul rate of JA
 (vendor peaks are not meaningful on a shared virtual CPU); bfloat16 runs are also measured against that float32
 peak, so on a CPU with native bfloat16 dot products their MFU can pass 100%. ``--dtype bfloat16`` runs our step in bfloat16 mixed
 precision (float32 master weights and optimizer state) and adds PyTorch's own, ``torch.autocast("cpu",
-dtype=torch.bfloat16)``, as a third runner; the float32 PyTorch loop stays as the baseline. On the CPU our bfloat16
-compute needs ``GPT2_JAX_TUNING=low_precision_compute=1`` (the CPU default computes float32; see gpt2_jax.backend).
+dtype=torch.bfloat16)``, as a third runner; the float32 PyTorch loop stays as the baseline. On a CPU without
+native bfloat16 dot products (:mod:`gpt2_jax.cpu_features`) the autocast runner is skipped unless
+``--force-autocast``: PyTorch's bfloat16 kernels crawl there (gpt2 4 x 256 on a 2-core Zen 3 VM, AVX2: 385-390 s a
+step, float32 8.6-9.5 s). On the CPU our bfloat16 compute needs ``GPT2_JAX_TUNING=low_precision_compute=1`` (the
+CPU default computes float32; see gpt2_jax.backend).
 
 The bench restarts itself once with glibc keeping freed memory, as ``gpt2-jax train`` does (:mod:`gpt2_jax.heap`:
 otherwise XLA's per-step temporary block is faulted in again every step, and more slowly right after a PyTorch
 step); both frameworks run under the same setting. ``--no-keep-heap`` runs with glibc's defaults.
 
     python benchmarks/bench_train.py [--model gpt2] [--batch 4] [--seq 256] [--steps 5] [--warmup 3] [--dropout both|on|off]
-        [--dtype bfloat16] [--no-keep-heap]
+        [--dtype bfloat16] [--force-autocast] [--no-keep-heap]
 """
 
 from __future__ import annotations
@@ -134,6 +137,9 @@ def main() -> None:
     parser.add_argument("--dropout", choices=("both", "on", "off"), default="both",
                         help="on: dropout 0.1 (GPT-2's config) in both frameworks; off: none (identical losses)")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--force-autocast", action="store_true",
+                        help="run PyTorch's autocast peer even on a CPU without native bfloat16 dot products, where "
+                             "its step crawls (385-390 s vs 8.6-9.5 s float32 for gpt2 4 x 256 on a Zen 3 VM)")
     parser.add_argument("--no-keep-heap", action="store_true",
                         help="do not restart with glibc keeping freed memory (what `gpt2-jax train` does, "
                              "gpt2_jax.heap); the setting applies to both frameworks alike")
@@ -170,12 +176,17 @@ def main() -> None:
     peak_flops = max(peak.values())
     print(f"measured float32 matmul peak: jax {peak['jax'] / 1e9:.0f} GFLOP/s, torch {peak['torch'] / 1e9:.0f} GFLOP/s "
           f"(MFU below is relative to {peak_flops / 1e9:.0f})")
+    run_autocast = args.dtype == "bfloat16" and not args.skip_torch
     if args.dtype == "bfloat16" and jax.devices()[0].platform == "cpu":
         tuning = backend.tuning_for()
         native = cpu_features.has_native_bf16_dots()
         print(f"cpu bfloat16: native dot products {'yes' if native else 'no'} (gpt2_jax.cpu_features); ours: "
               f"low_precision_compute {'on' if tuning.low_precision_compute else 'off (computes float32)'}, "
               f"row_major_bf16_dots {'on' if tuning.row_major_bf16_dots else 'off'}")
+        if run_autocast and not native and not args.force_autocast:
+            run_autocast = False
+            print("pytorch autocast skipped: without native bfloat16 dot products its step takes minutes "
+                  "(--force-autocast runs it anyway)")
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.dropout]
     summary = []
     for dropout in modes:
@@ -188,7 +199,7 @@ def main() -> None:
         attn = None
         if not args.skip_torch:
             runners["pytorch"], attn = make_torch(config, opt_cfg, host_state, decay, tokens, dropout)
-            if args.dtype == "bfloat16":  # PyTorch's own mixed precision is the peer of ours
+            if run_autocast:  # PyTorch's own mixed precision is the peer of ours
                 runners["pytorch autocast"], _ = make_torch(config, opt_cfg, host_state, decay, tokens, dropout,
                                                             autocast=True)
         # Alternate the two frameworks step by step, so that both see the same machine load.
